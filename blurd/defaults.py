@@ -1,0 +1,44 @@
+"""Named defaults, each with its unit in its name."""
+
+from __future__ import annotations
+
+BLURIT_URL = "https://api.services.wassa.io"
+
+# daemon
+MAX_UPLOADS = 2
+MAX_IN_FLIGHT = 32
+RESCAN_INTERVAL_S = 300.0
+LOOP_TICK_S = 0.5
+
+# watch
+SETTLE_S = 5.0
+STABILITY_CHECK_S = 0.5
+
+# BlurIt HTTP
+TOKEN_LIFETIME_DEFAULT_S = 3600.0
+TOKEN_REFRESH_AT_FRACTION = 0.8  # refresh once this share of the lifetime is used
+TOKEN_REFRESH_MARGIN_MAX_S = 300.0  # ...but never later than this long before expiry
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+UPLOAD_READ_TIMEOUT_S = 600.0
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+
+# retries and polling
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+POLL_FIRST_S = 1.0
+POLL_MAX_S = 45.0
+POLL_GROWTH = 1.5
+AUTH_RETRY_S = 300.0  # login retried this often while credentials are wrong
+PAYMENT_PROBE_S = 30.0  # a 402 pause probes again this often
+UNKNOWN_JOB_MAX_REQUEUES = 3
+UNSEEN_STATUS_MAX_POLLS = 100
+
+# input
+MAX_INPUT_BYTES = 8 * 1024**3
+SUPPORTED_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".mp4", ".avi", ".mov", ".mkv", ".zip"}
+)
+
+# writer
+TEMP_PREFIX = ".blurd-"

@@ -1,0 +1,67 @@
+"""The error tree. Errors carry data; callers chain them with ``from``."""
+
+from __future__ import annotations
+
+
+class BlurdError(Exception):
+    """Base of every error blurd raises on purpose."""
+
+
+class ConfigError(BlurdError):
+    """The configuration is wrong; the message names the key and the file."""
+
+    def __init__(self, message: str, *, key: str | None = None, file: str | None = None) -> None:
+        self.key = key
+        self.file = file
+        where = ""
+        if file:
+            where = f"{file}: "
+        if key:
+            where += f"{key}: "
+        super().__init__(f"{where}{message}")
+
+
+class StoreError(BlurdError):
+    """The jobs database cannot be used (corrupt, locked, newer schema)."""
+
+
+class InvalidTransition(StoreError):
+    """A job was asked to move along a transition the state table does not allow."""
+
+
+class RejectedInput(BlurdError):
+    """A file blurd refuses before any upload (empty, unsupported, too large...)."""
+
+
+class ApiError(BlurdError):
+    """Something went wrong talking to an engine."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class TransientApiError(ApiError):
+    """Worth retrying later: connection errors, timeouts, 5xx, 429, truncated downloads."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message, status=status)
+
+
+class PermanentApiError(ApiError):
+    """The engine refused the job for good (400, 413, Failed, Revoked)."""
+
+
+class AuthError(ApiError):
+    """The credentials are wrong: all API work pauses until a login succeeds."""
+
+
+class PaymentRequired(ApiError):
+    """402: no credit. New submissions pause; polling and downloads go on."""
+
+
+class UnknownJob(ApiError):
+    """The engine no longer knows this job id: it goes back to the queue."""
