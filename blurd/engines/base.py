@@ -65,6 +65,9 @@ class Engine(ABC):
         """One sentence per option this engine cannot honour (logged at start-up)."""
         return []
 
+    def release(self, remote_id: str) -> None:
+        """The worker has placed every part of this job's result: drop what is kept for it."""
+
     def describe(self) -> dict[str, Any]:
         """State worth showing in `blurd status` (auth state, pauses...)."""
         return {"engine": self.name}
