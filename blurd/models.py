@@ -1,0 +1,131 @@
+"""The jobs table, its states and the only transitions allowed between them (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    UPLOADING = "uploading"
+    PROCESSING = "processing"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+S = JobState
+TRANSITIONS: frozenset[tuple[JobState, JobState]] = frozenset(
+    {
+        (S.QUEUED, S.UPLOADING),
+        (S.QUEUED, S.DONE),  # identical content already anonymized: result reused
+        (S.QUEUED, S.FAILED),  # rejected locally, before any upload
+        (S.UPLOADING, S.PROCESSING),
+        (S.UPLOADING, S.QUEUED),  # transient error, or recovery at start-up
+        (S.UPLOADING, S.FAILED),
+        (S.PROCESSING, S.DOWNLOADING),
+        (S.PROCESSING, S.QUEUED),  # the engine lost the job
+        (S.PROCESSING, S.FAILED),
+        (S.DOWNLOADING, S.DONE),
+        (S.DOWNLOADING, S.QUEUED),  # the result is gone
+        (S.DOWNLOADING, S.FAILED),
+        (S.FAILED, S.QUEUED),  # `blurd retry`
+    }
+)
+
+ACTIVE_STATES = (S.QUEUED, S.UPLOADING, S.PROCESSING, S.DOWNLOADING)
+IN_FLIGHT_STATES = (S.UPLOADING, S.PROCESSING, S.DOWNLOADING)
+
+
+def allowed(old: JobState, new: JobState) -> bool:
+    return (old, new) in TRANSITIONS
+
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("watch", String(1024), nullable=False),
+    Column("rel_path", String(4096), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("sha256", String(64)),
+    Column("fingerprint", String(64)),
+    Column("state", String(16), nullable=False),
+    Column("remote_id", String(512)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("requeues", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False, default=0.0),
+    Column("error", Text),
+    Column("progress", String(128)),
+    Column("result_media_name", String(512)),
+    Column("result_detections_name", String(512)),
+    Column("output_media", String(4096)),
+    Column("output_detections", String(4096)),
+    Column("output_sha256", String(64)),
+    Column("bytes_up", BigInteger, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("watch", "rel_path", "size", "mtime_ns", name="uq_jobs_version"),
+    Index("ix_jobs_state_due", "state", "next_attempt_at"),
+    Index("ix_jobs_content", "sha256", "fingerprint", "state"),
+)
+
+schema_info = Table(
+    "blurd_schema",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the jobs table, detached from any session."""
+
+    id: int
+    watch: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    fingerprint: str | None
+    state: JobState
+    remote_id: str | None
+    attempts: int
+    requeues: int
+    next_attempt_at: float
+    error: str | None
+    progress: str | None
+    result_media_name: str | None
+    result_detections_name: str | None
+    output_media: str | None
+    output_detections: str | None
+    output_sha256: str | None
+    bytes_up: int
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: object) -> Job:
+        data = dict(row._mapping)  # type: ignore[attr-defined]
+        data["state"] = JobState(data["state"])
+        return cls(**data)

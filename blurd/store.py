@@ -1,0 +1,309 @@
+"""The jobs table: enqueue, conditional transitions, recovery, and the queries behind `status`.
+
+Every change is one short transaction; a state change is ``UPDATE … WHERE id = ? AND state = ?``
+and reports whether the row really moved. No I/O other than the database happens in here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+
+from blurd.errors import InvalidTransition, StoreError
+from blurd.models import (
+    ACTIVE_STATES,
+    IN_FLIGHT_STATES,
+    SCHEMA_VERSION,
+    Job,
+    JobState,
+    allowed,
+    jobs,
+    metadata,
+    schema_info,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class Store:
+    """All access to the jobs table goes through here."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.url = url
+        self.clock = clock
+        self._sqlite_path = _prepare_sqlite_file(url)
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+        if self._sqlite_path is not None:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            self._create_schema()
+        except (DatabaseError, OperationalError) as exc:
+            self.engine.dispose()
+            raise StoreError(
+                f"{self._describe()}: the database cannot be opened ({_short(exc)}); "
+                "blurd does not reset it: move the file aside to start with an empty queue"
+            ) from exc
+
+    def _describe(self) -> str:
+        if self._sqlite_path is not None:
+            return str(self._sqlite_path)
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    def _create_schema(self) -> None:
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            version = conn.execute(select(func.max(schema_info.c.version))).scalar()
+            if version is None:
+                conn.execute(
+                    insert(schema_info).values(version=SCHEMA_VERSION, applied_at=self.clock())
+                )
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self._describe()}: the database has schema version {version}, newer than "
+                    f"this blurd understands ({SCHEMA_VERSION}); upgrade blurd"
+                )
+            if self._sqlite_path is not None:
+                conn.exec_driver_sql("PRAGMA quick_check(1)")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreError(f"{self._describe()}: {_short(exc)}") from exc
+
+    # ------------------------------------------------------------------ writing
+
+    def enqueue(self, watch: str, rel_path: str, size: int, mtime_ns: int) -> int | None:
+        """Record one version of a file; None when that version is already known."""
+        now = self.clock()
+        values = dict(
+            watch=watch,
+            rel_path=rel_path,
+            size=size,
+            mtime_ns=mtime_ns,
+            state=JobState.QUEUED.value,
+            attempts=0,
+            requeues=0,
+            bytes_up=0,
+            next_attempt_at=0.0,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._tx() as conn:
+                result = conn.execute(insert(jobs).values(**values))
+                key = result.inserted_primary_key
+                return int(key[0]) if key else None
+        except IntegrityError:
+            return None
+
+    def transition(self, job_id: int, old: JobState, new: JobState, **fields: Any) -> bool:
+        """Move a job from ``old`` to ``new``; False if it was no longer in ``old``."""
+        if not allowed(old, new):
+            raise InvalidTransition(f"job {job_id}: {old} -> {new} is not an allowed transition")
+        return self._conditional(job_id, old, {"state": new.value, **fields})
+
+    def update(self, job_id: int, state: JobState, **fields: Any) -> bool:
+        """Change fields of a job that is still in ``state``; False if it moved meanwhile."""
+        if "state" in fields:
+            raise InvalidTransition("use transition() to change a job's state")
+        return self._conditional(job_id, state, fields)
+
+    def _conditional(self, job_id: int, expected: JobState, fields: dict[str, Any]) -> bool:
+        stmt = (
+            update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.state == expected.value)
+            .values(**fields, updated_at=self.clock())
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def recover(self) -> dict[str, int]:
+        """At start-up: interrupted uploads go back to the queue; the rest resume as they are.
+
+        ``processing`` jobs are polled again by their stored remote id and ``downloading`` jobs
+        download again, so nothing is uploaded twice.
+        """
+        with self._tx() as conn:
+            requeued = conn.execute(
+                update(jobs)
+                .where(jobs.c.state == JobState.UPLOADING.value)
+                .values(state=JobState.QUEUED.value, next_attempt_at=0.0, updated_at=self.clock())
+            ).rowcount
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.state.in_([JobState.PROCESSING.value, JobState.DOWNLOADING.value]))
+                .values(next_attempt_at=0.0)
+            )
+        counts = self.counts()
+        return {
+            "requeued_uploads": requeued,
+            "resumed_processing": counts[JobState.PROCESSING],
+            "resumed_downloads": counts[JobState.DOWNLOADING],
+        }
+
+    def retry(self, ids: Sequence[int] | None = None) -> int:
+        """Put failed jobs (these ids, or all of them) back in the queue."""
+        stmt = update(jobs).where(jobs.c.state == JobState.FAILED.value)
+        if ids is not None:
+            stmt = stmt.where(jobs.c.id.in_(list(ids)))
+        stmt = stmt.values(
+            state=JobState.QUEUED.value,
+            attempts=0,
+            requeues=0,
+            error=None,
+            next_attempt_at=0.0,
+            updated_at=self.clock(),
+        )
+        with self._tx() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, job_id: int) -> Job | None:
+        with self._tx() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
+
+    def due(
+        self, state: JobState, now: float, limit: int, exclude: Iterable[int] = ()
+    ) -> list[Job]:
+        """Jobs in ``state`` whose next attempt is due, oldest first."""
+        stmt = (
+            select(jobs)
+            .where(jobs.c.state == state.value, jobs.c.next_attempt_at <= now)
+            .order_by(jobs.c.next_attempt_at, jobs.c.id)
+            .limit(limit)
+        )
+        excluded = list(exclude)
+        if excluded:
+            stmt = stmt.where(jobs.c.id.not_in(excluded))
+        with self._tx() as conn:
+            return [Job.from_row(r) for r in conn.execute(stmt)]
+
+    def next_due_at(self) -> float | None:
+        """When the earliest active job is due, or None when nothing is active."""
+        stmt = select(func.min(jobs.c.next_attempt_at)).where(
+            jobs.c.state.in_([s.value for s in ACTIVE_STATES])
+        )
+        with self._tx() as conn:
+            value = conn.execute(stmt).scalar()
+        return float(value) if value is not None else None
+
+    def counts(self) -> dict[JobState, int]:
+        stmt = select(jobs.c.state, func.count()).group_by(jobs.c.state)
+        result = dict.fromkeys(JobState, 0)
+        with self._tx() as conn:
+            for state, n in conn.execute(stmt):
+                result[JobState(state)] = int(n)
+        return result
+
+    def in_flight(self) -> int:
+        stmt = select(func.count()).where(jobs.c.state.in_([s.value for s in IN_FLIGHT_STATES]))
+        with self._tx() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+    def active(self) -> int:
+        stmt = select(func.count()).where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+        with self._tx() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+    def find_reusable(self, sha256: str, fingerprint: str, exclude_id: int) -> Job | None:
+        """The newest done job with the same content and options, if any."""
+        stmt = (
+            select(jobs)
+            .where(
+                jobs.c.sha256 == sha256,
+                jobs.c.fingerprint == fingerprint,
+                jobs.c.state == JobState.DONE.value,
+                jobs.c.id != exclude_id,
+                jobs.c.output_media.is_not(None),
+            )
+            .order_by(jobs.c.id.desc())
+            .limit(1)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return Job.from_row(row) if row else None
+
+    def known_versions(self, watch: str) -> set[tuple[str, int, int]]:
+        stmt = select(jobs.c.rel_path, jobs.c.size, jobs.c.mtime_ns).where(jobs.c.watch == watch)
+        with self._tx() as conn:
+            return {(r[0], int(r[1]), int(r[2])) for r in conn.execute(stmt)}
+
+    def list_jobs(self, state: JobState | None = None, limit: int = 50) -> list[Job]:
+        stmt = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            stmt = stmt.where(jobs.c.state == state.value)
+        with self._tx() as conn:
+            return [Job.from_row(r) for r in conn.execute(stmt)]
+
+    def oldest_waiting(self) -> Job | None:
+        stmt = (
+            select(jobs)
+            .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+            .order_by(jobs.c.created_at, jobs.c.id)
+            .limit(1)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return Job.from_row(row) if row else None
+
+    def last_error(self) -> Job | None:
+        stmt = (
+            select(jobs)
+            .where(jobs.c.error.is_not(None))
+            .order_by(jobs.c.updated_at.desc())
+            .limit(1)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return Job.from_row(row) if row else None
+
+    def bytes_uploaded_since(self, since: float) -> int:
+        stmt = select(func.coalesce(func.sum(jobs.c.bytes_up), 0)).where(jobs.c.updated_at >= since)
+        with self._tx() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+
+def _prepare_sqlite_file(url: str) -> Path | None:
+    """Create the SQLite file (and its folder) private to its owner before SQLAlchemy opens it."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    if parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the database file: {exc.strerror}") from exc
+    return path
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA journal_mode = WAL")
+    cur.execute("PRAGMA synchronous = FULL")
+    cur.close()
+
+
+def _short(exc: Exception) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0]
