@@ -1,0 +1,498 @@
+"""The writer places files durably, under the right names, without ever overwriting."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from blurd import writer
+from blurd.defaults import TEMP_PREFIX
+from blurd.errors import RejectedInput
+from blurd.writer import (
+    TempFile,
+    apply_originals,
+    clean_temp_files,
+    detections_target,
+    media_target,
+    place,
+    place_bytes_from,
+)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def write_placed(target: Path, data: bytes) -> Path:
+    """Place ``data`` at ``target`` through the public API, as the worker does."""
+
+    def put(out: BinaryIO) -> int:
+        return out.write(data)
+
+    final, written = place_bytes_from(put, target)
+    assert written == len(data)
+    return final
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+# --- names -------------------------------------------------------------------------------
+
+
+def test_media_target_mirrors_nested_relative_path(tmp_path: Path) -> None:
+    """The output mirrors the source's folders under the output root and keeps its name."""
+    out = tmp_path / "out"
+    assert media_target(out, "2024/summer/beach.jpg", None) == out / "2024/summer/beach.jpg"
+    assert media_target(out, "top.png", "result.png") == out / "top.png"
+
+
+def test_media_target_swaps_extension_to_the_results(tmp_path: Path) -> None:
+    """A result with another extension gives the input's stem plus the result's extension."""
+    out = tmp_path / "out"
+    assert media_target(out, "dir/a.png", "x.jpeg") == out / "dir/a.jpeg"
+    assert media_target(out, "a.jpg", "x.jpeg") == out / "a.jpeg"  # jpg vs jpeg: different
+    assert media_target(out, "a.MOV", "remote-id.MP4") == out / "a.mp4"  # lower-cased
+    assert media_target(out, "noext", "x.jpg") == out / "noext.jpg"
+
+
+def test_media_target_keeps_input_name_when_extension_matches_ignoring_case(
+    tmp_path: Path,
+) -> None:
+    """Same extension up to case keeps the input's name exactly, case included."""
+    out = tmp_path / "out"
+    assert media_target(out, "IMG_1.JPG", "abc.jpg") == out / "IMG_1.JPG"
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "../../etc/passwd",
+        "x.jpg/../../a",
+        "evil.j/pg",
+        "x." + "a" * 9,
+        "/etc/shadow",
+        "..",
+        ".",
+        "",
+        "x.jpg\\..\\..\\a",
+        "x.jp g",
+        "x.jpg?token=secret",
+        "x.jp\x00g",
+        "x.٣٣",
+    ],
+)
+def test_media_target_hostile_result_names_never_escape(tmp_path: Path, hostile: str) -> None:
+    """Only a sane result extension is used; anything else keeps the input's own name."""
+    out = tmp_path / "out"
+    target = media_target(out, "sub/a.png", hostile)
+    assert target == out / "sub/a.png"
+
+
+def test_media_target_uses_only_the_extension_of_a_result_path(tmp_path: Path) -> None:
+    """A result name with folders in it contributes its extension and nothing else."""
+    out = tmp_path / "out"
+    assert media_target(out, "a.png", "../../elsewhere/b.webp") == out / "a.webp"
+
+
+@pytest.mark.parametrize(
+    "rel", ["../a.jpg", "x/../../a.jpg", "/etc/a.jpg", "a/..", "", ".", "a\x00.jpg"]
+)
+def test_targets_refuse_escaping_relative_paths(tmp_path: Path, rel: str) -> None:
+    """A rel_path that is absolute, climbs with '..' or names no file is refused."""
+    out = tmp_path / "out"
+    with pytest.raises(RejectedInput):
+        media_target(out, rel, None)
+    with pytest.raises(RejectedInput):
+        detections_target(out, rel)
+
+
+def test_targets_refuse_symlinked_folder_leading_outside(tmp_path: Path) -> None:
+    """A folder in the output tree that is a symlink to elsewhere is not written through."""
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    with pytest.raises(RejectedInput):
+        media_target(out, "sub/a.jpg", None)
+    with pytest.raises(RejectedInput):
+        detections_target(out, "sub/a.jpg")
+
+
+def test_detections_target_appends_json_to_full_name(tmp_path: Path) -> None:
+    """Detections go beside the media as '<name incl. extension>.json'."""
+    out = tmp_path / "out"
+    assert detections_target(out, "d/a.jpg") == out / "d/a.jpg.json"
+
+
+# --- temp files --------------------------------------------------------------------------
+
+
+def test_temp_file_is_hidden_private_and_in_target_folder(tmp_path: Path) -> None:
+    """The temp file is created (with its folders) beside the target, '.blurd-'-named, 0o600."""
+    target = tmp_path / "out/a/b/c.jpg"
+    with TempFile(target) as tmp:
+        assert tmp.path.parent == target.parent
+        assert tmp.path.name.startswith(TEMP_PREFIX)
+        assert stat.S_IMODE(tmp.path.stat().st_mode) == 0o600
+        tmp.file.write(b"data")
+    assert tmp.path.read_bytes() == b"data"  # a normal exit only closes it
+    tmp.path.unlink()
+
+
+def test_temp_file_removed_on_exception(tmp_path: Path) -> None:
+    """An exception inside the with-block removes the temp file and propagates."""
+    target = tmp_path / "out/c.jpg"
+    with pytest.raises(RuntimeError), TempFile(target) as tmp:
+        tmp.file.write(b"partial")
+        raise RuntimeError("download broke")
+    assert not tmp.path.exists()
+    assert temp_files(tmp_path) == []
+
+
+def test_place_bytes_from_leaves_no_temp_when_writer_fails(tmp_path: Path) -> None:
+    """A stream writer that fails leaves neither a temp file nor a final file."""
+    target = tmp_path / "out/c.jpg"
+
+    def broken(out: BinaryIO) -> int:
+        out.write(b"half")
+        raise OSError(errno.ECONNRESET, "connection reset")
+
+    with pytest.raises(OSError):
+        place_bytes_from(broken, target)
+    assert list(target.parent.iterdir()) == []
+
+
+# --- placement ---------------------------------------------------------------------------
+
+
+def test_place_puts_file_under_final_name_with_umask_mode(tmp_path: Path) -> None:
+    """A placed file has its bytes, 0o666 & ~umask, and no temp file is left."""
+    target = tmp_path / "out/nested/a.jpg"
+    final = write_placed(target, b"anonymized")
+    assert final == target
+    assert target.read_bytes() == b"anonymized"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~current_umask()
+    assert temp_files(tmp_path) == []
+
+
+def test_place_after_with_block(tmp_path: Path) -> None:
+    """place() also works after the with-block has closed the temp file."""
+    target = tmp_path / "out/a.jpg"
+    with TempFile(target) as tmp:
+        tmp.file.write(b"x" * 100_000)
+    assert place(tmp.path, target) == target
+    assert target.read_bytes() == b"x" * 100_000
+    assert not tmp.path.exists()
+
+
+def test_place_never_overwrites_a_different_file(tmp_path: Path) -> None:
+    """Different files for one name get '-1', '-2' before the extension; none is overwritten."""
+    target = tmp_path / "out/a.jpg"
+    assert write_placed(target, b"first") == target
+    assert write_placed(target, b"second") == tmp_path / "out/a-1.jpg"
+    assert write_placed(target, b"third") == tmp_path / "out/a-2.jpg"
+    assert target.read_bytes() == b"first"
+    assert (tmp_path / "out/a-1.jpg").read_bytes() == b"second"
+    assert (tmp_path / "out/a-2.jpg").read_bytes() == b"third"
+    assert temp_files(tmp_path) == []
+
+
+def test_place_numbers_detections_before_last_extension(tmp_path: Path) -> None:
+    """For 'a.jpg.json' the counter goes before '.json': 'a.jpg-1.json'."""
+    out = tmp_path / "out"
+    target = detections_target(out, "a.jpg")
+    write_placed(target, b'{"a": 1}')
+    assert write_placed(target, b'{"a": 2}') == out / "a.jpg-1.json"
+
+
+def test_place_identical_existing_file_counts_as_placed(tmp_path: Path) -> None:
+    """An existing file with the same bytes is the placement: no '-1' and no temp remain."""
+    target = tmp_path / "out/a.jpg"
+    write_placed(target, b"same")
+    assert write_placed(target, b"same") == target
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.jpg"]
+
+
+def test_place_identical_to_a_numbered_file_reuses_it(tmp_path: Path) -> None:
+    """Identical content found at '-1' (after a different base file) counts as placed there."""
+    target = tmp_path / "out/a.jpg"
+    write_placed(target, b"other")
+    write_placed(target, b"mine")
+    assert write_placed(target, b"mine") == tmp_path / "out/a-1.jpg"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a-1.jpg", "a.jpg"]
+
+
+def test_place_same_size_different_bytes_is_not_identical(tmp_path: Path) -> None:
+    """Equal sizes are not enough: the bytes are compared."""
+    target = tmp_path / "out/a.jpg"
+    write_placed(target, b"aaaa")
+    assert write_placed(target, b"aaab") == tmp_path / "out/a-1.jpg"
+
+
+def test_place_does_not_follow_symlink_at_target(tmp_path: Path) -> None:
+    """A symlink under the target name is neither overwritten, followed nor counted identical."""
+    real = tmp_path / "real.jpg"
+    real.write_bytes(b"same")
+    target = tmp_path / "out/a.jpg"
+    target.parent.mkdir()
+    target.symlink_to(real)
+    assert write_placed(target, b"same") == tmp_path / "out/a-1.jpg"
+    assert target.is_symlink()
+    assert real.read_bytes() == b"same"
+
+
+def link_unsupported(*_args: Any, **_kwargs: Any) -> None:
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+def test_place_falls_back_to_rename_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where link() is unsupported (SMB, FUSE) placement still never overwrites."""
+    monkeypatch.setattr(os, "link", link_unsupported)
+    target = tmp_path / "out/a.jpg"
+    assert write_placed(target, b"one") == target
+    assert write_placed(target, b"two") == tmp_path / "out/a-1.jpg"
+    assert write_placed(target, b"one") == target  # identical still counts as placed
+    assert target.read_bytes() == b"one"
+    assert (tmp_path / "out/a-1.jpg").read_bytes() == b"two"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~current_umask()
+    assert temp_files(tmp_path) == []
+
+
+def test_place_propagates_other_link_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error from link() other than 'unsupported' propagates; no final file appears."""
+
+    def no_space(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_space)
+    target = tmp_path / "out/a.jpg"
+    with pytest.raises(OSError) as info:
+        write_placed(target, b"data")
+    assert info.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["with space.jpg", "ünïcødé 写真.jpg", "quo'te\"s.jpg", "new\nline.jpg", "-dash.jpg"]
+)
+def test_awkward_names_are_placed_and_numbered(tmp_path: Path, name: str) -> None:
+    """Spaces, unicode, quotes and newlines survive naming, placement and numbering."""
+    out = tmp_path / "out"
+    target = media_target(out, f"dir with space/{name}", None)
+    assert write_placed(target, b"1") == out / "dir with space" / name
+    stem, ext = os.path.splitext(name)
+    assert write_placed(target, b"2") == out / "dir with space" / f"{stem}-1{ext}"
+    det = detections_target(out, f"dir with space/{name}")
+    assert write_placed(det, b"{}") == out / "dir with space" / f"{name}.json"
+
+
+# --- originals ---------------------------------------------------------------------------
+
+
+def make_source(tmp_path: Path, rel: str, data: bytes = b"original") -> Path:
+    source = tmp_path / "inbox" / rel
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    return source
+
+
+def test_originals_keep_leaves_source(tmp_path: Path) -> None:
+    """'keep' does nothing and returns None."""
+    source = make_source(tmp_path, "a/b.jpg")
+    assert apply_originals("keep", source, "a/b.jpg", None) is None
+    assert source.read_bytes() == b"original"
+
+
+def test_originals_delete_removes_source_and_tolerates_missing(tmp_path: Path) -> None:
+    """'delete' unlinks the source; a source already gone is fine (retry after a crash)."""
+    source = make_source(tmp_path, "a/b.jpg")
+    assert apply_originals("delete", source, "a/b.jpg", None) is None
+    assert not source.exists()
+    assert apply_originals("delete", source, "a/b.jpg", None) is None
+
+
+def test_originals_move_mirrors_relative_path(tmp_path: Path) -> None:
+    """'move' puts the source at <archive>/<rel>, keeping bytes, mode and inode."""
+    source = make_source(tmp_path, "2024/x/b.jpg")
+    source.chmod(0o640)
+    inode = source.stat().st_ino
+    archive = tmp_path / "archive"
+    moved = apply_originals("move", source, "2024/x/b.jpg", archive)
+    assert moved == archive / "2024/x/b.jpg"
+    assert moved.read_bytes() == b"original"
+    assert moved.stat().st_ino == inode
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o640
+    assert not source.exists()
+
+
+def test_originals_move_never_overwrites(tmp_path: Path) -> None:
+    """A different file already in the archive makes the moved one '-1'."""
+    archive = tmp_path / "archive"
+    (archive / "a").mkdir(parents=True)
+    (archive / "a/b.jpg").write_bytes(b"older")
+    source = make_source(tmp_path, "a/b.jpg")
+    assert apply_originals("move", source, "a/b.jpg", archive) == archive / "a/b-1.jpg"
+    assert (archive / "a/b.jpg").read_bytes() == b"older"
+    assert (archive / "a/b-1.jpg").read_bytes() == b"original"
+    assert not source.exists()
+
+
+def test_originals_move_identical_in_archive_counts_as_moved(tmp_path: Path) -> None:
+    """An identical file already archived (moved just before a crash) is the move's result."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "b.jpg").write_bytes(b"original")
+    source = make_source(tmp_path, "b.jpg")
+    assert apply_originals("move", source, "b.jpg", archive) == archive / "b.jpg"
+    assert not source.exists()
+    assert sorted(p.name for p in archive.iterdir()) == ["b.jpg"]
+
+
+def test_originals_move_missing_source_raises(tmp_path: Path) -> None:
+    """Moving a source that is gone raises FileNotFoundError naming it and creates nothing."""
+    source = tmp_path / "inbox/gone.jpg"
+    archive = tmp_path / "archive"
+    with pytest.raises(FileNotFoundError, match=r"gone\.jpg"):
+        apply_originals("move", source, "gone.jpg", archive)
+    assert not archive.exists()
+
+
+def test_originals_move_without_link_support(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without hard links, 'move' renames after checking the name is free."""
+    monkeypatch.setattr(os, "link", link_unsupported)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "b.jpg").write_bytes(b"older")
+    source = make_source(tmp_path, "b.jpg")
+    assert apply_originals("move", source, "b.jpg", archive) == archive / "b-1.jpg"
+    assert (archive / "b.jpg").read_bytes() == b"older"
+    assert not source.exists()
+
+
+def test_originals_move_across_devices_copies_then_unlinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Across devices 'move' copies into the archive (mode, mtime kept), places it, then unlinks."""
+    source = make_source(tmp_path, "a/b.jpg", b"x" * 3_000_000)
+    source.chmod(0o640)
+    os.utime(source, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    archive = tmp_path / "archive"
+    (archive / "a").mkdir(parents=True)
+    (archive / "a/b.jpg").write_bytes(b"older")
+
+    real_link, real_rename = os.link, os.rename
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, **kwargs)
+
+    def rename(src: Any, dst: Any, **kwargs: Any) -> None:
+        if Path(src) == source:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "rename", rename)
+    moved = apply_originals("move", source, "a/b.jpg", archive)
+    assert moved == archive / "a/b-1.jpg"
+    assert moved.read_bytes() == b"x" * 3_000_000
+    assert stat.S_IMODE(moved.stat().st_mode) == 0o640
+    assert moved.stat().st_mtime_ns == 1_600_000_000_000_000_000
+    assert (archive / "a/b.jpg").read_bytes() == b"older"
+    assert not source.exists()
+    assert temp_files(tmp_path) == []
+
+
+def test_originals_refuses_bad_policy_archive_and_rel(tmp_path: Path) -> None:
+    """Unknown policy or 'move' without archive is ValueError; an escaping rel is refused."""
+    source = make_source(tmp_path, "b.jpg")
+    with pytest.raises(ValueError, match="unknown originals policy"):
+        apply_originals("shred", source, "b.jpg", None)
+    with pytest.raises(ValueError, match="archive"):
+        apply_originals("move", source, "b.jpg", None)
+    with pytest.raises(RejectedInput):
+        apply_originals("move", source, "../b.jpg", tmp_path / "archive")
+    assert source.exists()
+
+
+# --- start-up clean-up -------------------------------------------------------------------
+
+
+def test_clean_temp_files_removes_only_temp_names(tmp_path: Path) -> None:
+    """Only '.blurd-*' files are removed, at any depth; others and the count are right."""
+    root = tmp_path / "out"
+    (root / "a/b").mkdir(parents=True)
+    (root / f"{TEMP_PREFIX}1.tmp").write_bytes(b"")
+    (root / f"a/b/{TEMP_PREFIX}2.tmp").write_bytes(b"")
+    (root / "a/keep.jpg").write_bytes(b"")
+    (root / "a/.hidden").write_bytes(b"")
+    (root / "a/x.blurd-3").write_bytes(b"")
+    assert clean_temp_files(root) == 2
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == [
+        ".hidden",
+        "keep.jpg",
+        "x.blurd-3",
+    ]
+
+
+def test_clean_temp_files_does_not_follow_symlinked_folder(tmp_path: Path) -> None:
+    """A symlinked folder under root is not entered: temp names behind it are untouched."""
+    root = tmp_path / "out"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{TEMP_PREFIX}x.tmp").write_bytes(b"")
+    (root / "link").symlink_to(outside)
+    assert clean_temp_files(root) == 0
+    assert (outside / f"{TEMP_PREFIX}x.tmp").exists()
+
+
+def test_clean_temp_files_missing_root_is_zero(tmp_path: Path) -> None:
+    """A root that does not exist has nothing to clean."""
+    assert clean_temp_files(tmp_path / "nope") == 0
+
+
+def test_clean_temp_files_min_age_spares_fresh_temp_files(tmp_path: Path) -> None:
+    """With min_age_s, temp files still being written by someone else are left alone."""
+    fresh = tmp_path / f"{TEMP_PREFIX}fresh.tmp"
+    old = tmp_path / f"{TEMP_PREFIX}old.tmp"
+    fresh.write_bytes(b"")
+    old.write_bytes(b"")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    assert clean_temp_files(tmp_path, min_age_s=600) == 1
+    assert fresh.exists()
+    assert not old.exists()
+
+
+def test_clean_temp_files_removes_leftover_of_interrupted_temp(tmp_path: Path) -> None:
+    """A temp file abandoned mid-write (a crash) is found and removed at start-up."""
+    tmp = TempFile(tmp_path / "out/a/b.jpg")
+    tmp.file.write(b"partial")
+    tmp.close()
+    assert clean_temp_files(tmp_path / "out") == 1
+    assert temp_files(tmp_path) == []
+
+
+def test_file_mode_constant_matches_process_umask() -> None:
+    """The mode read once at import is 0o666 minus the process umask."""
+    expected = 0o666 & ~current_umask()
+    assert expected == writer.FILE_MODE
