@@ -46,6 +46,11 @@ class BlurItConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    plate_model: str = ""  # optional ONNX plate detector supplied by the user
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     path: Path
     output: Path
@@ -67,6 +72,7 @@ class Config:
     daemon: DaemonConfig
     blurit: BlurItConfig
     watches: tuple[WatchConfig, ...]
+    local: LocalConfig = field(default_factory=LocalConfig)
     source: str = "(command line)"
     warnings: tuple[str, ...] = ()
 
@@ -99,6 +105,7 @@ def load(
     *,
     inbox: str | None = None,
     outbox: str | None = None,
+    require_watches: bool = True,
 ) -> Config:
     """Read and validate the configuration; --inbox/--outbox add (or make) a watch."""
     raw: dict[str, Any] = {}
@@ -114,7 +121,15 @@ def load(
             raise ConfigError("config file is not readable", file=source) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML ({exc})", file=source) from exc
-    return parse(raw, env, source=source, inbox=inbox, outbox=outbox, path=path)
+    return parse(
+        raw,
+        env,
+        source=source,
+        inbox=inbox,
+        outbox=outbox,
+        path=path,
+        require_watches=require_watches,
+    )
 
 
 def parse(
@@ -125,9 +140,10 @@ def parse(
     inbox: str | None = None,
     outbox: str | None = None,
     path: Path | None = None,
+    require_watches: bool = True,
 ) -> Config:
     r = _Reader(source)
-    r.no_unknown(raw, "", {"daemon", "blurit", "watch"})
+    r.no_unknown(raw, "", {"daemon", "blurit", "local", "watch"})
     daemon = _daemon(r, r.table(raw, "daemon"), env)
     blurit, warnings = _blurit(r, r.table(raw, "blurit"), env, path)
     watch_items = raw.get("watch", [])
@@ -138,7 +154,7 @@ def parse(
         if not (inbox and outbox):
             raise ConfigError("--inbox and --outbox go together", key="--inbox/--outbox")
         watches.append(_watch(r, {"path": inbox, "output": outbox}, "--inbox/--outbox"))
-    if not watches:
+    if not watches and require_watches:
         raise r.error("watch", "no folder to watch: add a [[watch]] table or use --inbox/--outbox")
     _check_overlaps(r, watches)
     if daemon.engine == "blurit" and not blurit.has_credentials:
@@ -147,7 +163,8 @@ def parse(
             "is 'blurit' but no BlurIt credentials were found: set blurit.client_id and "
             "blurit.secret_id (or $BLURIT_CLIENT_ID / $BLURIT_SECRET_ID)",
         )
-    return Config(daemon, blurit, tuple(watches), source, tuple(warnings))
+    local = _local(r, r.table(raw, "local"))
+    return Config(daemon, blurit, tuple(watches), local, source, tuple(warnings))
 
 
 def default_database_url(env: Mapping[str, str]) -> str:
@@ -185,6 +202,14 @@ def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonC
     if max_in_flight < 1:
         raise r.error("daemon.max_in_flight", "must be at least 1")
     return DaemonConfig(engine, url, max_uploads, max_in_flight)
+
+
+def _local(r: _Reader, t: Mapping[str, Any]) -> LocalConfig:
+    r.no_unknown(t, "local", {"plate_model"})
+    plate_model = r.get(t, "local", "plate_model", str, "")
+    if plate_model and not Path(plate_model).expanduser().is_file():
+        raise r.error("local.plate_model", f"{plate_model} is not a file")
+    return LocalConfig(plate_model=plate_model)
 
 
 def _blurit(

@@ -179,15 +179,27 @@ class Store:
         return Job.from_row(row) if row else None
 
     def due(
-        self, state: JobState, now: float, limit: int, exclude: Iterable[int] = ()
+        self,
+        state: JobState,
+        now: float,
+        limit: int,
+        exclude: Iterable[int] = (),
+        *,
+        prepared: bool | None = None,
     ) -> list[Job]:
-        """Jobs in ``state`` whose next attempt is due, oldest first."""
+        """Jobs in ``state`` whose next attempt is due, oldest first.
+
+        ``prepared`` narrows to jobs whose content was hashed (True) or not yet (False).
+        """
         stmt = (
             select(jobs)
             .where(jobs.c.state == state.value, jobs.c.next_attempt_at <= now)
             .order_by(jobs.c.next_attempt_at, jobs.c.id)
             .limit(limit)
         )
+        if prepared is not None:
+            has_hash = jobs.c.sha256.is_not(None)
+            stmt = stmt.where(has_hash if prepared else jobs.c.sha256.is_(None))
         excluded = list(exclude)
         if excluded:
             stmt = stmt.where(jobs.c.id.not_in(excluded))

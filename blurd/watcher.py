@@ -111,6 +111,7 @@ class FolderWatcher:
         self._next_scan = 0.0
         self._missing_logged = False
         self._known: set[tuple[str, int, int]] = set()
+        self.scanned = False  # the first full scan is done
 
     # ------------------------------------------------------------ events (watchdog thread)
 
@@ -161,6 +162,7 @@ class FolderWatcher:
         """Look at every file once (start-up, and every ``rescan_s`` for missed events)."""
         self._known = self.store.known_versions(self.watch.name)
         self._scan_tree(self.root)
+        self.scanned = True
 
     def stop(self) -> None:
         if self._observer is not None:

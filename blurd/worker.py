@@ -1,0 +1,665 @@
+"""The worker: queued jobs -> engine.submit -> poll -> fetch -> writer -> done.
+
+One scheduler thread looks at the jobs table and hands due steps to small thread pools; every
+step is a function of one job that reads the row, talks to the engine or the disk with no
+transaction open, and records the outcome with a conditional transition. The engine's errors
+decide what happens next (DESIGN.md section 6): transient ones are retried with capped
+exponential backoff and jitter, permanent ones fail the job with one sentence, bad credentials
+pause all engine work, a 402 pauses new uploads only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import structlog
+
+from blurd import defaults, writer
+from blurd.config import WatchConfig
+from blurd.engines.base import Engine, Phase, RemoteStatus
+from blurd.errors import (
+    AuthError,
+    PaymentRequired,
+    PermanentApiError,
+    RejectedInput,
+    TransientApiError,
+    UnknownJob,
+)
+from blurd.models import Job, JobState
+from blurd.store import Store
+
+log = structlog.get_logger("blurd.worker")
+S = JobState
+_HASH_CHUNK_BYTES = 1024 * 1024
+_KNOWN_PENDING = frozenset({"", "sent", "started", "retried", "queued", "running", "pending"})
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Retry and polling delays, in seconds. Tests pass a fast one."""
+
+    backoff_base_s: float = defaults.BACKOFF_BASE_S
+    backoff_cap_s: float = defaults.BACKOFF_CAP_S
+    poll_first_s: float = defaults.POLL_FIRST_S
+    poll_max_s: float = defaults.POLL_MAX_S
+    poll_growth: float = defaults.POLL_GROWTH
+    auth_retry_first_s: float = 30.0
+    auth_retry_max_s: float = defaults.AUTH_RETRY_S
+    payment_probe_s: float = defaults.PAYMENT_PROBE_S
+    idle_wait_max_s: float = 5.0
+
+
+def backoff(
+    attempt: int, timing: Timing, rng: Callable[[], float], retry_after: float | None
+) -> float:
+    """Exponential with jitter in [d/2, d], capped; never shorter than a Retry-After."""
+    d: float = min(timing.backoff_cap_s, timing.backoff_base_s * 2.0 ** max(0, attempt - 1))
+    delay = d / 2 + rng() * d / 2
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, 3600.0))
+    return delay
+
+
+_Step = Callable[[Job], None]
+_Runner = Callable[[_Step, Job], None]
+
+
+class _Pool:
+    """A few daemon threads taking (function, job) pairs: a stuck call never blocks exit."""
+
+    def __init__(
+        self, name: str, size: int, run: Callable[[Callable[[Job], None], Job], None]
+    ) -> None:
+        self.q: queue.Queue[tuple[Callable[[Job], None], Job] | None] = queue.Queue()
+        self.size = size
+        self.threads = [
+            threading.Thread(target=self._loop, args=(run,), name=f"{name}-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self, run: _Runner) -> None:
+        while (item := self.q.get()) is not None:
+            run(*item)
+
+    def put(self, fn: Callable[[Job], None], job: Job) -> None:
+        self.q.put((fn, job))
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.q.put(None)
+
+
+class _HashingWriter:
+    """Passes writes through to a file and hashes them on the way."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        watches: list[WatchConfig],
+        *,
+        max_uploads: int = defaults.MAX_UPLOADS,
+        max_in_flight: int = defaults.MAX_IN_FLIGHT,
+        timing: Timing | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+        io_threads: int = 4,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.watches = {w.name: w for w in watches}
+        self.max_uploads = max_uploads
+        self.max_in_flight = max_in_flight
+        self.timing = timing or Timing()
+        self.clock = clock
+        self.rng = rng
+        self.io_threads = io_threads
+        self.wake_event = threading.Event()
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()  # jobs with a step queued or running
+        self._uploads = 0  # upload steps queued or running
+        self._polls: dict[int, int] = {}  # polls so far per job, for the poll interval
+        self._odd_polls: dict[int, int] = {}  # consecutive unexpected statuses per job
+        self.auth_paused_until: float | None = None
+        self._auth_delay = self.timing.auth_retry_first_s
+        self._auth_probing = False
+        self.auth_error: str | None = None
+        self.payment_paused_until: float | None = None
+        self._payment_probe: int | None = None
+        self._upload_pool: _Pool | None = None
+        self._io_pool: _Pool | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def set_watches(self, watches: list[WatchConfig]) -> None:
+        self.watches = {w.name: w for w in watches}
+
+    def wake(self) -> None:
+        self.wake_event.set()
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._busy)
+
+    def state(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "auth": "paused: " + (self.auth_error or "") if self.auth_paused_until else "ok",
+            "uploads_paused": bool(self.payment_paused_until),
+            "uploads_paused_for_s": max(0.0, (self.payment_paused_until or now) - now),
+        }
+
+    def run(self, stop: threading.Event, grace_s: float = 10.0) -> None:
+        """Schedule steps until ``stop`` is set, then let running steps finish (bounded)."""
+        self._upload_pool = _Pool("upload", self.max_uploads, self._run_step)
+        self._io_pool = _Pool("io", self.io_threads, self._run_step)
+        try:
+            while not stop.is_set():
+                try:
+                    wait = self.tick()
+                except Exception:
+                    log.exception("worker.error")
+                    wait = 5.0
+                self.wake_event.wait(wait)
+                self.wake_event.clear()
+        finally:
+            self._upload_pool.close()
+            self._io_pool.close()
+            deadline = time.monotonic() + grace_s
+            while self.busy() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.busy():
+                log.warning("worker.stopped_with_steps_running", steps=self.busy())
+
+    def tick(self) -> float:
+        """Hand out every due step; return how long the scheduler may sleep."""
+        assert self._upload_pool is not None and self._io_pool is not None
+        now = self.clock()
+        api_ok = self._api_available(now)
+        with self._lock:
+            busy = set(self._busy)
+        if api_ok:
+            for job in self.store.due(S.PROCESSING, now, 100, busy):
+                self._dispatch(self._io_pool, self._poll, job)
+            for job in self.store.due(S.DOWNLOADING, now, 100, busy):
+                self._dispatch(self._io_pool, self._download, job)
+        for job in self.store.due(S.QUEUED, now, 100, busy, prepared=False):
+            self._dispatch(self._io_pool, self._prepare, job)
+        if api_ok and self._uploads_allowed(now):
+            with self._lock:
+                slots = self.max_uploads - self._uploads
+            counts = self.store.counts()
+            in_flight = counts[S.PROCESSING] + counts[S.DOWNLOADING] + self._uploads
+            room = min(slots, self.max_in_flight - in_flight)
+            if self.payment_paused_until is not None:
+                room = min(room, 1) if self._payment_probe is None else 0
+            if room > 0:
+                for job in self.store.due(S.QUEUED, now, room, busy, prepared=True):
+                    if self.payment_paused_until is not None:
+                        self._payment_probe = job.id
+                        log.info("engine.probe", job_id=job.id, path=job.rel_path, reason="402")
+                    with self._lock:
+                        self._uploads += 1
+                    self._dispatch(self._upload_pool, self._upload, job)
+        return self._wait_hint(now)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _dispatch(self, pool: _Pool, fn: Callable[[Job], None], job: Job) -> None:
+        with self._lock:
+            self._busy.add(job.id)
+        pool.put(fn, job)
+
+    def _run_step(self, fn: Callable[[Job], None], job: Job) -> None:
+        try:
+            fn(job)
+        except Exception as exc:
+            # A bug or an unexpected error: keep the job where it is and try later.
+            log.exception("job.step_error", job_id=job.id, path=job.rel_path, step=fn.__name__)
+            self._retry_later(job, job.state, f"{type(exc).__name__}: {exc}", None)
+        finally:
+            with self._lock:
+                self._busy.discard(job.id)
+                if fn == self._upload:
+                    self._uploads -= 1
+            self.wake_event.set()
+
+    def _wait_hint(self, now: float) -> float:
+        due = self.store.next_due_at()
+        wait = self.timing.idle_wait_max_s
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        for until in (self.auth_paused_until, self.payment_paused_until):
+            if until is not None:
+                wait = min(wait, max(0.05, until - now))
+        return max(wait, 0.02)
+
+    def _api_available(self, now: float) -> bool:
+        if self.auth_paused_until is None:
+            return True
+        if now >= self.auth_paused_until and not self._auth_probing:
+            self._auth_probing = True
+            threading.Thread(target=self._probe_login, name="auth-probe", daemon=True).start()
+        return False
+
+    def _probe_login(self) -> None:
+        try:
+            self.engine.check()
+        except AuthError as exc:
+            self._pause_auth(str(exc), again=True)
+        except Exception as exc:
+            self._pause_auth(f"login probe failed: {exc}", again=True)
+        else:
+            log.info("engine.resumed", reason="login succeeded")
+            self.auth_paused_until = None
+            self.auth_error = None
+            self._auth_delay = self.timing.auth_retry_first_s
+        finally:
+            self._auth_probing = False
+            self.wake_event.set()
+
+    def _pause_auth(self, message: str, *, again: bool = False) -> None:
+        if self.auth_paused_until is None or again:
+            if self.auth_paused_until is None:
+                log.error("engine.paused", reason="bad credentials", detail=message)
+            else:
+                self._auth_delay = min(self._auth_delay * 2, self.timing.auth_retry_max_s)
+            self.auth_error = message
+            self.auth_paused_until = self.clock() + self._auth_delay
+
+    def _uploads_allowed(self, now: float) -> bool:
+        if self.payment_paused_until is None:
+            return True
+        return now >= self.payment_paused_until
+
+    # ------------------------------------------------------------------ steps
+
+    def _source(self, job: Job) -> tuple[WatchConfig, Path]:
+        watch = self.watches.get(job.watch)
+        if watch is None:
+            raise RejectedInput(f"the watch folder {job.watch} is no longer configured")
+        return watch, watch.path / job.rel_path
+
+    def _prepare(self, job: Job) -> None:
+        """Reject what cannot be sent, hash the file, reuse an identical earlier result."""
+        try:
+            watch, path = self._source(job)
+            reason = self._rejection(job, path)
+            sha = file_sha256(path) if reason is None else ""
+        except RejectedInput as exc:
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"cannot be read: {exc.strerror or exc}"
+        if reason is not None:
+            self._fail(job, S.QUEUED, reason)
+            return
+        fingerprint = watch.options.fingerprint(self.engine.name)
+        if not self.store.update(job.id, S.QUEUED, sha256=sha, fingerprint=fingerprint):
+            return
+        earlier = self.store.find_reusable(sha, fingerprint, job.id)
+        if earlier is not None:
+            self._reuse(job, watch, path, earlier, sha, fingerprint)
+        self.wake_event.set()
+
+    def _rejection(self, job: Job, path: Path) -> str | None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "the file disappeared before it could be uploaded"
+        if stat.S_ISLNK(st.st_mode):
+            return "is a symbolic link; blurd never follows links"
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
+            return "changed after it was queued; its new version is queued on its own"
+        if st.st_size == 0:
+            return "is empty"
+        ext = path.suffix.lower()
+        if ext not in self.engine.supported_extensions:
+            allowed = " ".join(sorted(self.engine.supported_extensions))
+            return f"has an unsupported extension {ext or '(none)'} (supported: {allowed})"
+        if st.st_size > defaults.MAX_INPUT_BYTES:
+            return f"is larger than the {defaults.MAX_INPUT_BYTES // 1024**3} GiB upload limit"
+        if not os.access(path, os.R_OK):
+            return "cannot be read: permission denied"
+        return None
+
+    def _reuse(
+        self, job: Job, watch: WatchConfig, path: Path, earlier: Job, sha: str, fingerprint: str
+    ) -> None:
+        """Copy the outputs of an identical earlier job, if they still exist unchanged."""
+        assert earlier.output_media is not None
+        media = Path(earlier.output_media)
+        try:
+            if not media.is_file() or file_sha256(media) != earlier.output_sha256:
+                return
+            target = writer.media_target(watch.output, job.rel_path, media.name)
+            placed, _ = writer.place_bytes_from(lambda out: _copy_into(media, out), target)
+            placed_json: Path | None = None
+            if watch.options.detections and earlier.output_detections:
+                src_json = Path(earlier.output_detections)
+                if src_json.is_file():
+                    placed_json, _ = writer.place_bytes_from(
+                        lambda out: _copy_into(src_json, out),
+                        writer.detections_target(watch.output, job.rel_path),
+                    )
+        except OSError as exc:
+            log.warning("job.reuse_failed", job_id=job.id, path=job.rel_path, error=str(exc))
+            return
+        self._apply_originals(job, watch, path)
+        if self.store.transition(
+            job.id,
+            S.QUEUED,
+            S.DONE,
+            output_media=str(placed),
+            output_detections=str(placed_json) if placed_json else None,
+            output_sha256=earlier.output_sha256,
+            error=None,
+        ):
+            log.info(
+                "job.done",
+                job_id=job.id,
+                path=job.rel_path,
+                reused_from=earlier.id,
+                output=str(placed),
+            )
+
+    def _upload(self, job: Job) -> None:
+        watch, path = self._source(job)
+        if not self.store.transition(job.id, S.QUEUED, S.UPLOADING):
+            return
+        log.info("job.uploading", job_id=job.id, path=job.rel_path, size=job.size)
+        try:
+            reason = self._rejection(job, path)
+            if reason is not None:
+                self._fail(job, S.UPLOADING, reason)
+                return
+            remote_id = self.engine.submit(path, watch.options)
+        except PaymentRequired as exc:
+            self._on_payment_required(job, str(exc))
+            return
+        except AuthError as exc:
+            self._pause_auth(str(exc))
+            self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0)
+            return
+        except TransientApiError as exc:
+            self._retry_later(job, S.UPLOADING, str(exc), exc.retry_after_s, to=S.QUEUED)
+            return
+        except (PermanentApiError, RejectedInput) as exc:
+            self._fail(job, S.UPLOADING, str(exc))
+            return
+        except OSError as exc:
+            self._fail(job, S.UPLOADING, f"cannot be read: {exc.strerror or exc}")
+            return
+        # Store the remote id before anything else can happen: a crash from here on resumes
+        # by polling this id, never by uploading again.
+        moved = self.store.transition(
+            job.id,
+            S.UPLOADING,
+            S.PROCESSING,
+            remote_id=remote_id,
+            attempts=0,
+            error=None,
+            bytes_up=job.size,
+            next_attempt_at=self.clock() + self.timing.poll_first_s,
+        )
+        if not moved:
+            log.error("job.lost_remote_id", job_id=job.id, path=job.rel_path, remote_id=remote_id)
+            return
+        if self._payment_probe == job.id:
+            log.info("engine.resumed", reason="an upload was accepted again")
+            self.payment_paused_until = None
+            self._payment_probe = None
+        log.info("job.submitted", job_id=job.id, path=job.rel_path, remote_id=remote_id)
+
+    def _on_payment_required(self, job: Job, message: str) -> None:
+        if self.payment_paused_until is None:
+            log.error(
+                "engine.paused",
+                reason="payment required (402)",
+                detail=message,
+                probe_every_s=self.timing.payment_probe_s,
+            )
+        self.payment_paused_until = self.clock() + self.timing.payment_probe_s
+        self._payment_probe = None
+        self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0)
+
+    def _poll(self, job: Job) -> None:
+        assert job.remote_id is not None
+        try:
+            status = self.engine.poll(job.remote_id)
+        except UnknownJob:
+            status = RemoteStatus(Phase.UNKNOWN)
+        except AuthError as exc:
+            self._pause_auth(str(exc))
+            return
+        except (TransientApiError, PaymentRequired) as exc:
+            retry_after = exc.retry_after_s if isinstance(exc, TransientApiError) else None
+            self._retry_later(job, S.PROCESSING, str(exc), retry_after)
+            return
+        if status.phase is Phase.PENDING:
+            self._schedule_next_poll(job, status)
+        elif status.phase is Phase.SUCCEEDED:
+            self._forget(job.id)
+            if self.store.transition(
+                job.id,
+                S.PROCESSING,
+                S.DOWNLOADING,
+                result_media_name=status.media_name,
+                result_detections_name=status.detections_name,
+                attempts=0,
+                next_attempt_at=0.0,
+                progress=None,
+            ):
+                fresh = self.store.get(job.id)
+                if fresh is not None:
+                    self._download(fresh)
+        elif status.phase is Phase.FAILED:
+            self._fail(job, S.PROCESSING, status.error or f"the engine reported {status.raw}")
+        else:
+            self._requeue(job, S.PROCESSING, "the engine no longer knows this job")
+
+    def _schedule_next_poll(self, job: Job, status: RemoteStatus) -> None:
+        n = self._polls.get(job.id, 0) + 1
+        self._polls[job.id] = n
+        if status.raw.lower() not in _KNOWN_PENDING and not status.progress:
+            odd = self._odd_polls.get(job.id, 0) + 1
+            self._odd_polls[job.id] = odd
+            log.warning(
+                "job.unexpected_status",
+                job_id=job.id,
+                path=job.rel_path,
+                status=status.raw,
+                times=odd,
+            )
+            if odd >= defaults.UNSEEN_STATUS_MAX_POLLS:
+                self._fail(job, S.PROCESSING, f"the engine kept answering {status.raw!r}")
+                return
+        t = self.timing
+        interval = min(t.poll_max_s, t.poll_first_s * t.poll_growth ** (n - 1))
+        interval *= 0.8 + 0.4 * self.rng()
+        self.store.update(
+            job.id, S.PROCESSING, next_attempt_at=self.clock() + interval,
+            progress=status.progress, attempts=0,
+        )  # fmt: skip
+
+    def _download(self, job: Job) -> None:
+        watch, path = self._source(job)
+        assert job.remote_id is not None
+        remote_id = job.remote_id
+        status = RemoteStatus(
+            Phase.SUCCEEDED,
+            media_name=job.result_media_name,
+            detections_name=job.result_detections_name,
+        )
+        try:
+            media_target = writer.media_target(watch.output, job.rel_path, job.result_media_name)
+            hasher: list[_HashingWriter] = []
+
+            def fetch_media(out: BinaryIO) -> int:
+                hasher.append(_HashingWriter(out))
+                return self.engine.fetch(remote_id, status, "media", cast(BinaryIO, hasher[-1]))
+
+            media, size = writer.place_bytes_from(fetch_media, media_target)
+            detections: Path | None = None
+            if watch.options.detections and job.result_detections_name:
+                detections, _ = writer.place_bytes_from(
+                    lambda out: self.engine.fetch(remote_id, status, "detections", out),
+                    writer.detections_target(watch.output, job.rel_path),
+                )
+        except UnknownJob:
+            self._requeue(job, S.DOWNLOADING, "the result is no longer available")
+            return
+        except AuthError as exc:
+            self._pause_auth(str(exc))
+            return
+        except TransientApiError as exc:
+            # A truncated or broken transfer is fetched again at once, then with backoff.
+            retry_after = exc.retry_after_s if job.attempts else 0.0
+            self._retry_later(job, S.DOWNLOADING, str(exc), retry_after, immediate=not job.attempts)
+            return
+        except (PermanentApiError, RejectedInput) as exc:
+            self._fail(job, S.DOWNLOADING, str(exc))
+            return
+        except OSError as exc:
+            # The output folder is not writable, full or gone: wait, lose nothing.
+            self._retry_later(job, S.DOWNLOADING, f"cannot write the output: {exc}", None)
+            return
+        self._apply_originals(job, watch, path)
+        if self.store.transition(
+            job.id,
+            S.DOWNLOADING,
+            S.DONE,
+            output_media=str(media),
+            output_detections=str(detections) if detections else None,
+            output_sha256=hasher[0].sha.hexdigest(),
+            error=None,
+            progress=None,
+        ):
+            log.info("job.done", job_id=job.id, path=job.rel_path, output=str(media), bytes=size)
+        try:
+            self.engine.release(job.remote_id)
+        except Exception as exc:
+            log.warning("job.release_failed", job_id=job.id, path=job.rel_path, error=str(exc))
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _apply_originals(self, job: Job, watch: WatchConfig, path: Path) -> None:
+        if watch.originals == "keep":
+            return
+        try:
+            moved = writer.apply_originals(watch.originals, path, job.rel_path, watch.archive)
+        except FileNotFoundError:
+            return  # already moved or deleted (say, just before a crash)
+        except OSError as exc:
+            log.warning(
+                "job.originals_failed",
+                job_id=job.id,
+                path=job.rel_path,
+                policy=watch.originals,
+                error=str(exc),
+            )
+            return
+        log.info(
+            "job.original",
+            job_id=job.id,
+            path=job.rel_path,
+            policy=watch.originals,
+            archived=str(moved) if moved else None,
+        )
+
+    def _fail(self, job: Job, state: JobState, reason: str) -> None:
+        self._forget(job.id)
+        if self.store.transition(job.id, state, S.FAILED, error=reason, progress=None):
+            log.error("job.failed", job_id=job.id, path=job.rel_path, reason=reason)
+
+    def _forget(self, job_id: int) -> None:
+        self._polls.pop(job_id, None)
+        self._odd_polls.pop(job_id, None)
+
+    def _requeue(self, job: Job, state: JobState, reason: str) -> None:
+        self._forget(job.id)
+        if job.requeues >= defaults.UNKNOWN_JOB_MAX_REQUEUES:
+            self._fail(job, state, f"{reason}, {job.requeues + 1} times; giving up")
+            return
+        if self.store.transition(
+            job.id, state, S.QUEUED, remote_id=None, requeues=job.requeues + 1,
+            next_attempt_at=0.0, error=reason, attempts=0,
+        ):  # fmt: skip
+            log.warning(
+                "job.requeued",
+                job_id=job.id,
+                path=job.rel_path,
+                reason=reason,
+                requeues=job.requeues + 1,
+            )
+
+    def _retry_later(
+        self,
+        job: Job,
+        state: JobState,
+        reason: str,
+        retry_after: float | None,
+        *,
+        to: JobState | None = None,
+        immediate: bool = False,
+    ) -> None:
+        attempts = job.attempts + 1
+        delay = 0.0 if immediate else backoff(attempts, self.timing, self.rng, retry_after)
+        fields = dict(attempts=attempts, error=reason, next_attempt_at=self.clock() + delay)
+        if to is None or to == state:
+            moved = self.store.update(job.id, state, **fields)
+        else:
+            moved = self.store.transition(job.id, state, to, **fields)
+        if moved:
+            log.warning(
+                "job.retry",
+                job_id=job.id,
+                path=job.rel_path,
+                step=str(state),
+                reason=reason,
+                attempt=attempts,
+                in_s=round(delay, 2),
+            )
+
+
+def _copy_into(src: Path, out: BinaryIO) -> int:
+    n = 0
+    with open(src, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            out.write(chunk)
+            n += len(chunk)
+    return n
