@@ -110,13 +110,13 @@ class Store:
         except IntegrityError:
             return None
 
-    def transition(self, job_id: int, old: JobState, new: JobState, **fields: Any) -> bool:
+    def transition(self, job_id: int, old: JobState, new: JobState, /, **fields: Any) -> bool:
         """Move a job from ``old`` to ``new``; False if it was no longer in ``old``."""
         if not allowed(old, new):
             raise InvalidTransition(f"job {job_id}: {old} -> {new} is not an allowed transition")
         return self._conditional(job_id, old, {"state": new.value, **fields})
 
-    def update(self, job_id: int, state: JobState, **fields: Any) -> bool:
+    def update(self, job_id: int, state: JobState, /, **fields: Any) -> bool:
         """Change fields of a job that is still in ``state``; False if it moved meanwhile."""
         if "state" in fields:
             raise InvalidTransition("use transition() to change a job's state")

@@ -1,0 +1,110 @@
+"""The jobs table: unique versions, allowed and conditional transitions, recovery, safety."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from blurd.errors import InvalidTransition, StoreError
+from blurd.models import TRANSITIONS, JobState
+from blurd.store import Store
+
+S = JobState
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(f"sqlite:///{tmp_path}/db/blurd.db")
+    yield s
+    s.close()
+
+
+def test_a_file_version_is_queued_once(store: Store) -> None:
+    """The same (watch, path, size, mtime) is recorded once; a new mtime is a new job."""
+    a = store.enqueue("w", "a.jpg", 10, 1)
+    assert a is not None
+    assert store.enqueue("w", "a.jpg", 10, 1) is None
+    assert store.enqueue("w", "a.jpg", 10, 2) not in (None, a)
+    assert store.counts()[S.QUEUED] == 2
+
+
+def test_only_allowed_transitions_and_only_from_the_expected_state(store: Store) -> None:
+    """A transition outside the table raises; one from a state the row is not in changes nothing."""
+    job = store.enqueue("w", "a.jpg", 10, 1)
+    assert job is not None
+    with pytest.raises(InvalidTransition):
+        store.transition(job, S.QUEUED, S.PROCESSING)
+    assert store.transition(job, S.QUEUED, S.UPLOADING)
+    assert not store.transition(job, S.QUEUED, S.UPLOADING)  # already moved: rowcount 0
+    assert store.transition(job, S.UPLOADING, S.PROCESSING, remote_id="r1")
+    row = store.get(job)
+    assert row is not None and row.state is S.PROCESSING and row.remote_id == "r1"
+    assert not store.update(job, S.QUEUED, error="x")
+    with pytest.raises(InvalidTransition):
+        store.update(job, S.PROCESSING, state="done")
+
+
+def test_transition_table_matches_the_design() -> None:
+    """Every state but done has a way out; done has none; failed only goes back to queued."""
+    assert {new for old, new in TRANSITIONS if old is S.FAILED} == {S.QUEUED}
+    assert not [t for t in TRANSITIONS if t[0] is S.DONE]
+    assert {old for old, _ in TRANSITIONS} == set(JobState) - {S.DONE}
+
+
+def test_recovery_requeues_uploads_and_keeps_remote_ids(store: Store) -> None:
+    """At start-up uploading goes back to queued; processing keeps its remote id for polling."""
+    up = store.enqueue("w", "up.jpg", 1, 1)
+    proc = store.enqueue("w", "proc.jpg", 1, 1)
+    assert up and proc
+    store.transition(up, S.QUEUED, S.UPLOADING)
+    store.transition(proc, S.QUEUED, S.UPLOADING)
+    store.transition(proc, S.UPLOADING, S.PROCESSING, remote_id="rid", next_attempt_at=9e9)
+    result = store.recover()
+    assert result["requeued_uploads"] == 1 and result["resumed_processing"] == 1
+    p = store.get(proc)
+    assert p is not None and p.remote_id == "rid" and p.next_attempt_at == 0.0
+    u = store.get(up)
+    assert u is not None and u.state is S.QUEUED
+
+
+def test_retry_puts_failed_jobs_back(store: Store) -> None:
+    """`retry` moves failed jobs (by id or all) to queued and clears their error."""
+    ids = [store.enqueue("w", f"{i}.jpg", 1, 1) for i in range(3)]
+    for i in ids:
+        assert i is not None
+        store.transition(i, S.QUEUED, S.FAILED, error="bad")
+    assert store.retry([ids[0]]) == 1  # type: ignore[list-item]
+    assert store.retry() == 2
+    assert all(j.state is S.QUEUED and j.error is None for j in store.list_jobs())
+
+
+def test_sqlite_is_private_and_in_wal_mode(tmp_path: Path, store: Store) -> None:
+    """The database file is readable by its owner only and runs in WAL mode."""
+    db = tmp_path / "db" / "blurd.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_corrupt_database_is_a_clear_error_not_a_reset(tmp_path: Path) -> None:
+    """A corrupt file raises StoreError naming it, and is left as it was."""
+    db = tmp_path / "bad.db"
+    junk = b"this is not a database" * 200
+    db.write_bytes(junk)
+    with pytest.raises(StoreError, match="bad.db") as err:
+        Store(f"sqlite:///{db}")
+    assert "move the file aside" in str(err.value)
+    assert db.read_bytes() == junk
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A database written by a newer blurd is not touched."""
+    url = f"sqlite:///{tmp_path}/b.db"
+    Store(url).close()
+    with sqlite3.connect(tmp_path / "b.db") as conn:
+        conn.execute("INSERT INTO blurd_schema VALUES (99, 0)")
+    with pytest.raises(StoreError, match="newer"):
+        Store(url)
