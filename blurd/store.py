@@ -58,14 +58,26 @@ class Store:
         return make_url(self.url).render_as_string(hide_password=True)
 
     def _create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        for attempt in range(5):
+            try:
+                metadata.create_all(self.engine)
+                break
+            except OperationalError as exc:
+                # Another process created the tables between our check and our CREATE.
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
         with self.engine.begin() as conn:
             version = conn.execute(select(func.max(schema_info.c.version))).scalar()
-            if version is None:
-                conn.execute(
-                    insert(schema_info).values(version=SCHEMA_VERSION, applied_at=self.clock())
-                )
-            elif version > SCHEMA_VERSION:
+        if version is None:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(
+                        insert(schema_info).values(version=SCHEMA_VERSION, applied_at=self.clock())
+                    )
+            except IntegrityError:
+                pass  # another process recorded it first
+        with self.engine.begin() as conn:
+            if version is not None and version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self._describe()}: the database has schema version {version}, newer than "
                     f"this blurd understands ({SCHEMA_VERSION}); upgrade blurd"
