@@ -12,66 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from blurd import config, daemon
 from blurd.models import JobState
-from blurd.store import Store
-from blurd.worker import Timing
 from tests.conftest import wait_for
 from tests.fakeblurit import FakeBlurIt
-
-FAST = Timing(backoff_base_s=0.05, backoff_cap_s=0.5, poll_first_s=0.1, poll_max_s=0.3,
-              auth_retry_first_s=0.2, auth_retry_max_s=0.5, payment_probe_s=0.5)  # fmt: skip
-
-
-def anonymized(data: bytes) -> bytes:
-    """What the test server returns for an input."""
-    return b"BLURRED:" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
-
-
-class Daemon:
-    """blurd's daemon running in a thread of the test, against a test server."""
-
-    def __init__(self, tmp_path: Path, fake: FakeBlurIt, **watch: object) -> None:
-        self.inbox, self.outbox = tmp_path / "in", tmp_path / "out"
-        self.inbox.mkdir(exist_ok=True)
-        self.db = f"sqlite:///{tmp_path}/blurd.db"
-        raw = {
-            "daemon": {"database": self.db, "max_uploads": 2, "max_in_flight": 8},
-            "blurit": {"url": fake.url},
-            "watch": [{"path": str(self.inbox), "output": str(self.outbox),
-                       "settle_seconds": 0.5, **watch}],
-        }  # fmt: skip
-        env = {"BLURIT_CLIENT_ID": fake.client_id, "BLURIT_SECRET_ID": fake.secret_id}
-        self.config = config.parse(raw, env)
-        self.stop = threading.Event()
-        self.result: list[int] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.result.append(daemon.run(self.config, stop=self.stop, timing=FAST, rescan_s=30))
-
-    def __enter__(self) -> Daemon:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-
-    def counts(self) -> dict[JobState, int]:
-        store = Store(self.db)
-        try:
-            return store.counts()
-        finally:
-            store.close()
-
-    def jobs(self) -> dict[str, object]:
-        store = Store(self.db)
-        try:
-            return {j.rel_path: j for j in store.list_jobs(limit=1000)}
-        finally:
-            store.close()
+from tests.harness import Daemon, anonymized
 
 
 @pytest.fixture
@@ -134,8 +78,8 @@ def test_twenty_images_come_out_anonymized_with_detections(
     assert len(fake.uploads) == 20
     uploaded_slow = [u for u in fake.uploads if u.filename == "slow.jpg"]
     assert uploaded_slow[0].size == len(slow)
-    assert "unsupported extension .txt" in (jobs["notes.txt"].error or "")  # type: ignore[attr-defined]
-    assert jobs["empty.jpg"].error == "is empty"  # type: ignore[attr-defined]
+    assert "unsupported extension .txt" in (jobs["notes.txt"].error or "")
+    assert jobs["empty.jpg"].error == "is empty"
     assert not [u for u in fake.uploads if u.filename in ("notes.txt", "empty.jpg")]
     assert not [r for r in fake.requests if r.status == 401], "a request went out with a dead token"
     assert fake.refreshes >= 1

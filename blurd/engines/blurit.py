@@ -1,0 +1,279 @@
+"""The BlurIt cloud engine: upload, poll and download over HTTP (see blurit-api.md).
+
+Every call has a timeout; the token is kept fresh by ``TokenKeeper``; a request answered 401
+is replayed once after a renewal. Nothing here sleeps or retries otherwise: backoff is the
+worker's job. Results are fetched by file name through the configured URL, so the bearer
+token never goes to another host.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote, unquote, urlsplit
+
+import requests
+import structlog
+from requests.adapters import HTTPAdapter
+from requests_toolbelt import MultipartEncoder
+
+from blurd import defaults
+from blurd.engines.base import Engine, Part, Phase, RemoteStatus
+from blurd.engines.blurit_auth import BearerAuth, Timeout, TokenKeeper, api_error
+from blurd.errors import (
+    PermanentApiError,
+    RejectedInput,
+    TransientApiError,
+    UnknownJob,
+)
+from blurd.options import Options
+
+log = structlog.get_logger(__name__)
+
+JOB_PATH = "/innovation-service/anonymization"
+RESULT_PATH = "/innovation-service/result/"
+PENDING_WORDS = frozenset({"sent", "started", "retried"})
+
+BodyFactory = Callable[[], Any]  # a context manager yielding a MultipartEncoder
+
+
+class BlurItEngine(Engine):
+    """Anonymization by the BlurIt cloud API."""
+
+    name = "blurit"
+    supported_extensions = defaults.SUPPORTED_EXTENSIONS
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        secret_id: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
+        read_timeout_s: float = defaults.READ_TIMEOUT_S,
+        upload_read_timeout_s: float = defaults.UPLOAD_READ_TIMEOUT_S,
+    ) -> None:
+        self._url = url.rstrip("/")
+        self._timeout: Timeout = (connect_timeout_s, read_timeout_s)
+        self._upload_timeout: Timeout = (connect_timeout_s, upload_read_timeout_s)
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_maxsize=defaults.MAX_IN_FLIGHT)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._auth = TokenKeeper(
+            self._session, self._url, client_id, secret_id, clock=clock, timeout=self._timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"BlurItEngine(url={self._url!r})"
+
+    # the three steps
+    def submit(self, path: Path, options: Options) -> str:
+        response = self._send(
+            "POST", JOB_PATH, "submit",
+            body=lambda: self._multipart(path, options),
+            timeout=self._upload_timeout,
+        )
+        with response:
+            if response.status_code not in (200, 201):
+                raise api_error("submit", response)
+            job_id = self._json(response, "submit").get("anonymization_job_id")
+        if not isinstance(job_id, str) or not job_id:
+            raise PermanentApiError("BlurIt submit: the reply carries no anonymization_job_id")
+        return job_id
+
+    def poll(self, remote_id: str) -> RemoteStatus:
+        response = self._send("GET", JOB_PATH, "poll", params={"anonymization_job_id": remote_id})
+        with response:
+            if response.status_code != 200:
+                raise api_error("poll", response)
+            return self._status(self._json(response, "poll"))
+
+    def fetch(self, remote_id: str, status: RemoteStatus, part: Part, out: BinaryIO) -> int:
+        name = status.media_name if part == "media" else status.detections_name
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise PermanentApiError(f"BlurIt gave no usable {part} file name: {name!r}")
+        response = self._send("GET", RESULT_PATH + quote(name, safe=""), "download", stream=True)
+        with response:
+            if response.status_code == 404:
+                raise UnknownJob(f"BlurIt result file gone: {name}", status=404)
+            if response.status_code != 200:
+                raise api_error("download", response)
+            return self._stream(response, out)
+
+    # what `blurd status` and `blurd check` show
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "url": self._url,
+            "auth": self._auth.state,
+            "token_expires_in_s": self._auth.expires_in_s(),
+        }
+
+    def check(self) -> None:
+        self._auth.login()
+
+    def close(self) -> None:
+        self._session.close()
+
+    # HTTP
+    def _send(
+        self,
+        method: str,
+        path: str,
+        action: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: BodyFactory | None = None,
+        timeout: Timeout | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """One request with a fresh token; a 401 renews the token and replays it once."""
+        token = self._auth.bearer()
+        response = self._request(token, method, path, action, params, body, timeout, stream)
+        if response.status_code != 401:
+            return response
+        response.close()
+        self._auth.rejected(token)
+        token = self._auth.bearer()
+        return self._request(token, method, path, action, params, body, timeout, stream)
+
+    def _request(
+        self,
+        token: str,
+        method: str,
+        path: str,
+        action: str,
+        params: dict[str, str] | None,
+        body: BodyFactory | None,
+        timeout: Timeout | None,
+        stream: bool,
+    ) -> requests.Response:
+        with ExitStack() as stack:
+            data, headers = None, {}
+            if body is not None:  # built anew for each attempt: the file is read again
+                data = stack.enter_context(body())
+                headers["Content-Type"] = data.content_type
+            try:
+                return self._session.request(
+                    method,
+                    self._url + path,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    auth=BearerAuth(token),
+                    timeout=timeout or self._timeout,
+                    stream=stream,
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                raise api_error(action, exc) from exc
+
+    @staticmethod
+    @contextmanager
+    def _multipart(path: Path, options: Options) -> Iterator[MultipartEncoder]:
+        """The job form, streamed from the file: never the whole file in memory."""
+        try:
+            media = path.open("rb")
+        except OSError as exc:
+            raise RejectedInput(f"cannot read {path.name}: {exc.strerror or exc}") from exc
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        with media:
+            fields: list[tuple[str, Any]] = [*_form_fields(options)]
+            fields.append(("input_media", (path.name, media, mime)))
+            yield MultipartEncoder(fields=fields)
+
+    @staticmethod
+    def _json(response: requests.Response, action: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise TransientApiError(f"BlurIt {action}: the reply is not a JSON object")
+        return body
+
+    @staticmethod
+    def _status(body: dict[str, Any]) -> RemoteStatus:
+        raw = str(body.get("status") or "")
+        word = raw.strip().lower()
+        if word in PENDING_WORDS:
+            return RemoteStatus(Phase.PENDING, raw=raw)
+        if word == "succeeded":
+            return RemoteStatus(
+                Phase.SUCCEEDED,
+                raw=raw,
+                media_name=_file_name(body.get("output_media")),
+                detections_name=_file_name(body.get("output_json")),
+            )
+        if word == "failed":
+            error = str(body.get("error") or "failed without a reason")
+            return RemoteStatus(Phase.FAILED, raw=raw, error=error)
+        if word == "revoked":
+            return RemoteStatus(Phase.FAILED, raw=raw, error="revoked by the API")
+        if word.startswith("unknown"):
+            return RemoteStatus(Phase.UNKNOWN, raw=raw)
+        log.warning("blurit.unseen_status", status=raw)
+        return RemoteStatus(Phase.PENDING, raw=raw)
+
+    @staticmethod
+    def _stream(response: requests.Response, out: BinaryIO) -> int:
+        """Copy the body into ``out``; a body shorter than announced is a transient error."""
+        announced = response.headers.get("Content-Length")
+        expected = int(announced) if announced and announced.isdigit() else None
+        written = 0
+        try:
+            for chunk in response.iter_content(defaults.DOWNLOAD_CHUNK_BYTES):
+                out.write(chunk)
+                written += len(chunk)
+        except requests.RequestException as exc:
+            if expected is not None:
+                raise _truncated(written, expected) from exc
+            raise api_error("download", exc) from exc
+        # Content-Length counts the bytes on the wire, before any Content-Encoding is undone
+        received = response.raw.tell() if response.headers.get("Content-Encoding") else written
+        if expected is not None and received != expected:
+            raise _truncated(received, expected)
+        return written
+
+
+def _form_fields(options: Options) -> list[tuple[str, str]]:
+    """The text fields of a job; nested objects as JSON strings (the best-trodden encoding)."""
+    fields = [
+        ("activation_faces_blur", _bool(options.faces)),
+        ("activation_plates_blur", _bool(options.plates)),
+        ("output_detections_url", _bool(options.detections)),
+    ]
+    if not options.area.is_full():
+        area = options.area
+        box = {"left": area.left, "top": area.top, "right": area.right, "bottom": area.bottom}
+        fields.append(("included_area", json.dumps(box)))
+    blur: dict[str, Any] = {"anonymization_type": options.style}
+    if options.style == "opaque":
+        blur["hex_color"] = options.color
+    if options.style == "pixelate":
+        blur["num_pixels"] = options.pixels
+    blur["smooth_padding"] = options.padding
+    fields.append(("blur_type", json.dumps(blur)))
+    return fields
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _file_name(url: Any) -> str | None:
+    """The last path segment of a result URL (``output_media`` / ``output_json``)."""
+    if not isinstance(url, str) or not url:
+        return None
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or None
+
+
+def _truncated(got: int, expected: int) -> TransientApiError:
+    return TransientApiError(f"truncated download: got {got} of {expected} bytes")

@@ -1,0 +1,249 @@
+"""BlurIt authentication, and the mapping of HTTP failures to blurd errors.
+
+``TokenKeeper`` logs in, keeps the access token with its expiry and renews it before it
+expires (so no request is sent with a dead token), and again when the API answers 401.
+Renewal is a refresh (``POST /token`` with the old bearer, even if expired), else a fresh
+login. One thread at a time renews ("single flight"); the threads that waited on the lock
+reuse what it got. Tokens and the secret never reach a log line, a message or a repr.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import requests
+import structlog
+
+from blurd import defaults
+from blurd.errors import (
+    ApiError,
+    AuthError,
+    PaymentRequired,
+    PermanentApiError,
+    TransientApiError,
+)
+
+log = structlog.get_logger(__name__)
+
+Timeout = tuple[float, float]  # (connect, read) seconds
+MESSAGE_MAX_CHARS = 300
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """Sets ``Authorization: Bearer``; passing it also keeps ``~/.netrc`` from overriding it."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
+
+    def __repr__(self) -> str:
+        return "BearerAuth(***)"
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def api_message(response: requests.Response) -> str:
+    """The API's own words: NestJS ``message`` (maybe a list), else ``error``, else the reason."""
+    reason = response.reason or _phrase(response.status_code)
+    try:
+        body = response.json()
+    except ValueError:
+        return f"{response.status_code} {reason}"
+    detail: Any = None
+    if isinstance(body, dict):
+        detail = body.get("message") or body.get("error")
+    if isinstance(detail, list):
+        detail = "; ".join(str(item) for item in detail)
+    text = str(detail) if detail else reason
+    return text[:MESSAGE_MAX_CHARS]
+
+
+def api_error(action: str, failure: requests.Response | requests.RequestException) -> ApiError:
+    """The one mapping from a failed HTTP exchange to a blurd error (DESIGN.md section 6)."""
+    if isinstance(failure, requests.RequestException):
+        detail = f"{type(failure).__name__}: {failure}"[:MESSAGE_MAX_CHARS]
+        return TransientApiError(f"BlurIt {action}: {detail}")
+    status = failure.status_code
+    message = f"BlurIt {action} failed: {status} {api_message(failure)}"
+    if status in (408, 429) or status >= 500:
+        retry = retry_after_s(failure.headers.get("Retry-After"))
+        return TransientApiError(message, status=status, retry_after_s=retry)
+    if status == 402:
+        return PaymentRequired(message, status=status)
+    if status in (401, 403):
+        return AuthError(message, status=status)
+    return PermanentApiError(message, status=status)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP error"
+
+
+class TokenKeeper:
+    """The access token of one BlurIt account, shared by every thread of one engine."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        url: str,
+        client_id: str,
+        secret_id: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        timeout: Timeout = (defaults.CONNECT_TIMEOUT_S, defaults.READ_TIMEOUT_S),
+    ) -> None:
+        self._session = session
+        self._url = url
+        self._client_id = client_id
+        self._secret_id = secret_id
+        self._clock = clock
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_token: str | None = None
+        self._expires_at = 0.0
+        self._renew_at = 0.0
+        self.state = "logged out"  # "ok" | "logged out" | "bad credentials"
+
+    def __repr__(self) -> str:
+        return f"TokenKeeper(url={self._url!r}, state={self.state!r})"
+
+    def bearer(self) -> str:
+        """A token that will still be valid when the request arrives."""
+        with self._lock:
+            if self._token is None or self._clock() >= self._renew_at:
+                self._renew()
+            assert self._token is not None
+            return self._token
+
+    def rejected(self, token: str) -> None:
+        """The API answered 401 to ``token``: renew it, unless another thread already did."""
+        with self._lock:
+            if token == self._token:
+                log.info("auth.rejected")
+                self._renew()
+
+    def login(self) -> None:
+        """Log in now, whatever the current token (``blurd check``)."""
+        with self._lock:
+            self._login()
+
+    def expires_in_s(self) -> float | None:
+        if self._token is None:
+            return None
+        return round(max(0.0, self._expires_at - self._clock()), 1)
+
+    def _renew(self) -> None:
+        if self._token is not None and self._refresh_token is not None:
+            try:
+                self._refresh()
+                return
+            except ApiError as exc:
+                log.warning("auth.failed", step="refresh", error=str(exc), status=exc.status)
+        self._login()
+
+    def _login(self) -> None:
+        started = self._clock()
+        body = {"clientId": self._client_id, "secretId": self._secret_id}
+        try:
+            response = self._session.post(
+                f"{self._url}/login", json=body, timeout=self._timeout, allow_redirects=False
+            )
+        except requests.RequestException as exc:
+            raise api_error("login", exc) from exc
+        with response:
+            if response.status_code in (400, 401, 403):
+                self._token = self._refresh_token = None
+                self.state = "bad credentials"
+                error = AuthError(
+                    f"BlurIt login refused: {response.status_code} {api_message(response)}",
+                    status=response.status_code,
+                )
+                log.warning("auth.failed", step="login", error=str(error), status=error.status)
+                raise error
+            if response.status_code not in (200, 201):
+                raise api_error("login", response)
+            self._store(response, started, "login")
+        log.info("auth.login", expires_in_s=self.expires_in_s())
+
+    def _refresh(self) -> None:
+        started = self._clock()
+        assert self._token is not None
+        try:
+            response = self._session.post(
+                f"{self._url}/token",
+                json={"refreshToken": self._refresh_token},
+                auth=BearerAuth(self._token),
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise api_error("token refresh", exc) from exc
+        with response:
+            if response.status_code not in (200, 201):
+                raise api_error("token refresh", response)
+            self._store(response, started, "token refresh")
+        log.info("auth.refreshed", expires_in_s=self.expires_in_s())
+
+    def _store(self, response: requests.Response, started: float, action: str) -> None:
+        """Keep the new token; its lifetime counts from before the request was sent."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token:
+            raise TransientApiError(f"BlurIt {action}: the reply carries no token")
+        assert isinstance(body, dict)
+        lifetime = _lifetime_s(body)
+        self._token = token
+        refresh = body.get("refreshToken")
+        if isinstance(refresh, str) and refresh:
+            self._refresh_token = refresh
+        self._expires_at = started + lifetime
+        margin = min(lifetime * (1 - defaults.TOKEN_REFRESH_AT_FRACTION),
+                     defaults.TOKEN_REFRESH_MARGIN_MAX_S)
+        self._renew_at = self._expires_at - margin
+        self.state = "ok"
+
+
+def _lifetime_s(body: dict[str, Any]) -> float:
+    """``expireTime`` or ``expiresIn`` (the docs use both), in seconds; else the default."""
+    for key in ("expireTime", "expiresIn"):
+        value = body.get(key)
+        if not isinstance(value, int | float | str) or isinstance(value, bool):
+            continue
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            continue
+        if seconds > 0:
+            return seconds
+    return defaults.TOKEN_LIFETIME_DEFAULT_S
