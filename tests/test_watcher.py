@@ -180,6 +180,7 @@ def test_a_vanished_watch_folder_is_waited_for(
     """A missing watch folder queues and forgets nothing; when it returns, watching resumes."""
     root = tmp_path / "in"
     (root / "a.jpg").write_bytes(b"a")
+    wait_for(lambda: watcher.pending(), what="the create event")
     settle(watcher, clock)
     shutil.rmtree(root)
     settle(watcher, clock)
