@@ -113,7 +113,7 @@ def test_engine_follows_credentials_and_explicit_blurit_needs_them(tmp_path: Pat
     cfg = config.load(None, env, inbox="/a", outbox="/b")
     assert cfg.engine_choice() == ("blurit", "BlurIt credentials are configured")
     p = _write(tmp_path, '[daemon]\nengine = "blurit"\n' + _watch(tmp_path))
-    with pytest.raises(ConfigError, match="daemon.engine"):
+    with pytest.raises(ConfigError, match=r"daemon\.engine"):
         config.load(p, {})
 
 

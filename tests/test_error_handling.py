@@ -5,6 +5,7 @@ Each test runs the real daemon against the BlurIt test server with a fault switc
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,7 +126,7 @@ def test_402_pauses_new_uploads_but_not_polls_and_resumes(tmp_path: Path, fake: 
     times = [r.time for r in fake.requests if r.path == SUBMIT and r.status == 402]
     probes = [t for t in times if t > times[0] + 0.2]
     assert len(probes) >= 2
-    assert all(b - a >= 0.4 for a, b in zip(probes, probes[1:], strict=False))
+    assert all(b - a >= 0.4 for a, b in itertools.pairwise(probes))
 
 
 @pytest.mark.parametrize(("status", "message"), [(400, "invalid parameters"), (413, "too big")])

@@ -58,7 +58,7 @@ def counts(tmp_path: Path) -> dict[JobState, int]:
 def test_sigterm_during_processing_then_restart_uploads_nothing_twice(
     tmp_path: Path, fake: FakeBlurIt
 ) -> None:
-    """SIGTERM while jobs are at the API: exit 0 within seconds; the restart polls, never re-uploads."""
+    """SIGTERM with jobs at the API: exit 0 within seconds; the restart polls, never re-uploads."""
     write_config(tmp_path, fake)
     inbox = tmp_path / "in"
     inbox.mkdir()

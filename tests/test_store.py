@@ -94,7 +94,7 @@ def test_corrupt_database_is_a_clear_error_not_a_reset(tmp_path: Path) -> None:
     db = tmp_path / "bad.db"
     junk = b"this is not a database" * 200
     db.write_bytes(junk)
-    with pytest.raises(StoreError, match="bad.db") as err:
+    with pytest.raises(StoreError, match=r"bad\.db") as err:
         Store(f"sqlite:///{db}")
     assert "move the file aside" in str(err.value)
     assert db.read_bytes() == junk
