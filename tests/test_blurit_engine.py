@@ -90,7 +90,7 @@ def test_full_cycle_for_an_image_with_detections(engine: BlurItEngine, image: Pa
     engine.fetch(job_id, status, "detections", detections)
     doc = json.loads(detections.getvalue())
     assert doc["input_sha256"] == hashlib.sha256(data).hexdigest()
-    assert doc["filename"] == "photo.jpg" and doc["detections"]
+    assert doc["filename"] == "media.jpg" and doc["detections"]
 
 
 def test_result_extension_comes_from_the_api(image: Path) -> None:
@@ -446,7 +446,7 @@ def test_one_mebibyte_upload_arrives_byte_identical(
     path.write_bytes(data)
     job_id = engine.submit(path, Options(detections=False))
     (upload,) = fake.uploads
-    assert (upload.filename, upload.content_type) == ("clip.mp4", "video/mp4")
+    assert (upload.filename, upload.content_type) == ("media.mp4", "video/mp4")
     assert (upload.size, upload.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     out = io.BytesIO()
     engine.fetch(job_id, finished(engine, job_id), "media", out)

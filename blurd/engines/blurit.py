@@ -42,6 +42,16 @@ PENDING_WORDS = frozenset({"sent", "started", "retried"})
 BodyFactory = Callable[[], Any]  # a context manager yielding a MultipartEncoder
 
 
+def upload_name(path: Path) -> str:
+    """The file name sent with an upload: its extension only.
+
+    Names on a media server often say who is in the picture; the API needs only the type.
+    This also keeps quotes and newlines out of the multipart headers.
+    """
+    ext = path.suffix.lower()
+    return "media" + (ext if ext[1:].isascii() and ext[1:].isalnum() else "")
+
+
 class BlurItEngine(Engine):
     """Anonymization by the BlurIt cloud API."""
 
@@ -186,7 +196,7 @@ class BlurItEngine(Engine):
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         with media:
             fields: list[tuple[str, Any]] = [*_form_fields(options)]
-            fields.append(("input_media", (path.name, media, mime)))
+            fields.append(("input_media", (upload_name(path), media, mime)))
             yield MultipartEncoder(fields=fields)
 
     @staticmethod
