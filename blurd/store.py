@@ -47,6 +47,11 @@ class Store:
             self._create_schema()
         except (DatabaseError, OperationalError) as exc:
             self.engine.dispose()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(
+                    f"{self._describe()}: the database stayed locked by another process "
+                    f"for {SQLITE_BUSY_TIMEOUT_MS // 1000} s ({_short(exc)})"
+                ) from exc
             raise StoreError(
                 f"{self._describe()}: the database cannot be opened ({_short(exc)}); "
                 "blurd does not reset it: move the file aside to start with an empty queue"
@@ -323,7 +328,10 @@ def _prepare_sqlite_file(url: str) -> Path | None:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA journal_mode = WAL")
+    # Switching the journal mode takes a lock even when there is nothing to switch: only do it
+    # on a database that is not in WAL mode yet (new, or made by another tool).
+    if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        cur.execute("PRAGMA journal_mode = WAL")
     cur.execute("PRAGMA synchronous = FULL")
     cur.close()
 

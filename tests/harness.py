@@ -54,6 +54,7 @@ class Daemon:
         self.result.append(daemon.run(self.config, stop=self.stop, timing=self.timing, rescan_s=30))
 
     def __enter__(self) -> Daemon:
+        """Start the daemon; set `timing` before entering to change its delays."""
         self.thread.start()
         return self
 
@@ -78,3 +79,11 @@ class Daemon:
 
     def job(self, rel: str) -> Job:
         return self.jobs()[rel]
+
+    def all_jobs(self) -> list[Job]:
+        """Every row, versions of the same path included."""
+        store = Store(self.db)
+        try:
+            return store.list_jobs(limit=10_000)
+        finally:
+            store.close()
