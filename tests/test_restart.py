@@ -39,9 +39,9 @@ def start_blurd(tmp_path: Path, fake: FakeBlurIt, *args: str) -> subprocess.Pope
     )
 
 
-def write_config(tmp_path: Path, fake: FakeBlurIt) -> None:
+def write_config(tmp_path: Path, fake: FakeBlurIt, max_in_flight: int = 32) -> None:
     (tmp_path / "c.toml").write_text(
-        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nmax_in_flight = 32\n'
+        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nmax_in_flight = {max_in_flight}\n'
         f'[blurit]\nurl = "{fake.url}"\n'
         f'[[watch]]\npath = "{tmp_path}/in"\noutput = "{tmp_path}/out"\nsettle_seconds = 0.3\n'
     )
