@@ -31,6 +31,8 @@ class DaemonConfig:
     database: str = ""  # SQLAlchemy URL; "" = the default state folder
     max_uploads: int = defaults.MAX_UPLOADS
     max_in_flight: int = defaults.MAX_IN_FLIGHT
+    metrics: str = ""  # "HOST:PORT" serves Prometheus text; "" is off
+    log_file: str = ""  # with `run --detach`; "" = blurd.log beside the default database
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,25 @@ def parse(
     return Config(daemon, blurit, tuple(watches), local, source, tuple(warnings))
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"``, ``"[::1]:9464"`` or ``"0.0.0.0:9464"`` -> (host, port).
+
+    The host is required: metrics are off unless the admin says where to listen.
+    """
+    host, sep, port_text = address.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(
+            f"must be HOST:PORT such as '127.0.0.1:9464' (or '' for off), not {address!r}",
+            key="daemon.metrics",
+        )
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"port {port} is out of range", key="daemon.metrics")
+    return host, port
+
+
 def default_database_url(env: Mapping[str, str]) -> str:
     """$STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/blurd (~/.local/state/blurd)."""
     if env.get("STATE_DIRECTORY"):
@@ -189,7 +210,9 @@ def database_url(value: str) -> str:
 
 
 def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonConfig:
-    r.no_unknown(t, "daemon", {"engine", "database", "max_uploads", "max_in_flight"})
+    r.no_unknown(
+        t, "daemon", {"engine", "database", "max_uploads", "max_in_flight", "metrics", "log_file"}
+    )
     engine = r.get(t, "daemon", "engine", str, None)
     if engine is not None and engine not in ENGINES:
         raise r.error("daemon.engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -201,7 +224,14 @@ def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonC
         raise r.error("daemon.max_uploads", "must be at least 1")
     if max_in_flight < 1:
         raise r.error("daemon.max_in_flight", "must be at least 1")
-    return DaemonConfig(engine, url, max_uploads, max_in_flight)
+    metrics = r.get(t, "daemon", "metrics", str, "")
+    if metrics:
+        try:
+            parse_address(metrics)
+        except ConfigError as exc:
+            raise r.error("daemon.metrics", str(exc).split(": ", 1)[-1]) from None
+    log_file = r.get(t, "daemon", "log_file", str, "")
+    return DaemonConfig(engine, url, max_uploads, max_in_flight, metrics, log_file)
 
 
 def _local(r: _Reader, t: Mapping[str, Any]) -> LocalConfig:

@@ -1,20 +1,26 @@
-"""Process lifecycle: signals, start-up recovery, the watcher and worker threads, clean stop."""
+"""Process lifecycle: signals, start-up recovery, the watcher and worker threads, systemd
+notifications, metrics, config reload on SIGHUP, and a clean stop."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import structlog
 
 from blurd import defaults, writer
 from blurd.config import Config
 from blurd.engines.base import Engine
-from blurd.errors import ConfigError
+from blurd.errors import BlurdError, ConfigError
+from blurd.metrics import Metrics
+from blurd.models import JobState
+from blurd.notify import Notifier
 from blurd.store import Store
 from blurd.watcher import FolderWatcher, Watcher
 from blurd.worker import Timing, Worker
@@ -22,46 +28,64 @@ from blurd.worker import Timing, Worker
 log = structlog.get_logger("blurd.daemon")
 
 STOP_GRACE_S = 8.0
+MAIN_LOOP_S = 0.2
+STATUS_EVERY_S = 5.0
 
 
-def make_engine(config: Config) -> Engine:
+def make_engine(config: Config, metrics: Metrics | None = None) -> Engine:
     """The engine the configuration asks for (or implies)."""
     name, _why = config.engine_choice()
     if name == "blurit":
         from blurd.engines.blurit import BlurItEngine
 
         b = config.blurit
-        return BlurItEngine(b.url, b.client_id, b.secret_id)
+        on_refresh = metrics.token_refreshed if metrics is not None else None
+        return BlurItEngine(b.url, b.client_id, b.secret_id, on_token_refresh=on_refresh)
     try:
         from blurd.engines.local import LocalEngine
     except ImportError as exc:
         raise ConfigError(
             "no BlurIt credentials are configured and the local engine is not installed: "
             "set $BLURIT_CLIENT_ID and $BLURIT_SECRET_ID (or [blurit] in the config), "
-            "or install it with: pip install 'blurd[local]'",
+            f"or install it with: pip install 'blurd[local]' ({exc})",
             key="daemon.engine",
         ) from exc
-    return LocalEngine(plate_model=config.local.plate_model)
+    engine: Engine = LocalEngine(plate_model=config.local.plate_model)
+    return engine
 
 
-class StopSignals:
-    """First SIGTERM/SIGINT sets the stop event; a second one exits at once."""
+class Signals:
+    """SIGTERM/SIGINT set ``stop`` (a second one exits at once); SIGHUP sets ``reload``.
 
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.count = 0
+    The handlers only set events, so they are safe wherever the main thread happens to be.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self._stops = 0
+
+    def handle_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stops += 1
+        if self._stops > 1:
+            os._exit(128 + signum)
+        self.stop.set()
+
+    def handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self.reload.set()
+
+    def signal_map(self) -> dict[int, Callable[[int, FrameType | None], None]]:
+        return {
+            signal.SIGTERM: self.handle_stop,
+            signal.SIGINT: self.handle_stop,
+            signal.SIGHUP: self.handle_reload,
+        }
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.count += 1
-        if self.count > 1:
-            os._exit(128 + signum)
-        self.stop.set()
+        for sig, handler in self.signal_map().items():
+            signal.signal(sig, handler)
 
 
 def run(
@@ -69,95 +93,232 @@ def run(
     *,
     once: bool = False,
     stop: threading.Event | None = None,
+    signals: Signals | None = None,
+    reload_config: Callable[[], Config] | None = None,
     engine: Engine | None = None,
     timing: Timing | None = None,
     rescan_s: float = defaults.RESCAN_INTERVAL_S,
-    env: Mapping[str, str] | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
-    """Run the daemon until ``stop`` is set (or, with ``once``, until the queue is empty)."""
-    stop = stop or threading.Event()
-    StopSignals(stop).install()
+    """Run the daemon until stopped (or, with ``once``, until the queue is empty)."""
+    if signals is None:
+        signals = Signals()
+        signals.install()
+    if stop is not None:
+        signals.stop = stop
     for warning in config.warnings:
         log.warning("config.warning", detail=warning)
-    name, why = config.engine_choice()
     store = Store(config.daemon.database)
     try:
-        return _run(config, store, name, why, once, stop, engine, timing, rescan_s)
+        d = Daemon(config, store, signals, notifier or Notifier.from_env(), timing, rescan_s)
+        return d.run(once=once, engine=engine, reload_config=reload_config)
     finally:
         store.close()
 
 
-def _run(
-    config: Config,
-    store: Store,
-    name: str,
-    why: str,
-    once: bool,
-    stop: threading.Event,
-    engine: Engine | None,
-    timing: Timing | None,
-    rescan_s: float,
-) -> int:
-    recovered = store.recover()
-    log.info("daemon.recovered", **recovered)
-    for w in config.watches:
-        for folder in (w.output, w.archive):
-            if folder is not None:
-                removed = writer.clean_temp_files(folder)
-                if removed:
-                    log.info("daemon.temp_removed", folder=str(folder), files=removed)
-    engine = engine or make_engine(config)
-    log.info("engine.selected", engine=engine.name, why=why, once=once)
-    for w in config.watches:
-        for sentence in engine.limitations(w.options):
-            log.warning("engine.limitation", watch=str(w.path), detail=sentence)
-    if stop.is_set():
-        engine.close()
-        return 0
-    worker = Worker(
-        store,
-        engine,
-        list(config.watches),
-        max_uploads=config.daemon.max_uploads,
-        max_in_flight=config.daemon.max_in_flight,
-        timing=timing,
-    )
-    excluded = [p for w in config.watches for p in (w.output, w.archive) if p is not None]
-    watcher = Watcher(
-        [
-            FolderWatcher(w, store, excluded=excluded, rescan_s=rescan_s, on_enqueue=worker.wake)
-            for w in config.watches
-        ]
-    )
-    threads = [
-        threading.Thread(target=watcher.run, args=(stop,), name="watcher", daemon=True),
-        threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True),
-    ]
-    for t in threads:
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        signals: Signals,
+        notifier: Notifier,
+        timing: Timing | None,
+        rescan_s: float,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.signals = signals
+        self.stop = signals.stop
+        self.notifier = notifier
+        self.timing = timing
+        self.rescan_s = rescan_s
+        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.metrics = Metrics(store)
+        self.engine: Engine | None = None
+        self.worker: Worker | None = None
+        self.watcher: Watcher | None = None
+        self._watcher_stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._limitations: list[str] = []
+
+    def run(
+        self, *, once: bool, engine: Engine | None, reload_config: Callable[[], Config] | None
+    ) -> int:
+        recovered = self.store.recover()
+        log.info("daemon.recovered", **recovered)
+        self._clean_temp_files()
+        _name, why = self.config.engine_choice()
+        server = self.metrics.serve(self.config.daemon.metrics)
+        try:
+            self.engine = engine or make_engine(self.config, self.metrics)
+            log.info("engine.selected", engine=self.engine.name, why=why, once=once)
+            self._log_limitations()
+            if self.stop.is_set():  # a signal during start-up
+                return 0
+            return self._serve(once, reload_config)
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+            if server is not None:
+                server.stop()
+            self.store.clear_daemon_state(self.node)
+
+    def _serve(self, once: bool, reload_config: Callable[[], Config] | None) -> int:
+        assert self.engine is not None
+        self.worker = Worker(
+            self.store,
+            self.engine,
+            list(self.config.watches),
+            max_uploads=self.config.daemon.max_uploads,
+            max_in_flight=self.config.daemon.max_in_flight,
+            timing=self.timing,
+            metrics=self.metrics,
+        )
+        worker_thread = threading.Thread(
+            target=self.worker.run, args=(self.stop,), name="worker", daemon=True
+        )
+        worker_thread.start()
+        self._threads.append(worker_thread)
+        self._start_watcher()
+        log.info("daemon.started", watches=[str(w.path) for w in self.config.watches])
+        code = 0
+        ready = False
+        next_status = 0.0
+        try:
+            while not self.stop.wait(MAIN_LOOP_S):
+                self.notifier.watchdog()
+                if not ready and self._scanned():
+                    ready = True
+                    self.notifier.ready(self._status_line())
+                    log.info("daemon.ready")
+                now = time.monotonic()
+                if now >= next_status:
+                    next_status = now + STATUS_EVERY_S
+                    self._publish_status()
+                if self.signals.reload.is_set():
+                    self.signals.reload.clear()
+                    self._reload(reload_config)
+                if once and self._finished():
+                    log.info("daemon.queue_empty")
+                    break
+                if once and self.worker.auth_paused_until is not None:
+                    log.error("daemon.stopping", reason="the engine refused the credentials")
+                    code = 1
+                    break
+        finally:
+            self.notifier.stopping()
+            self.stop.set()
+            self._watcher_stop.set()
+            self.worker.wake()
+            deadline = time.monotonic() + STOP_GRACE_S
+            for t in self._threads:
+                t.join(timeout=max(0.1, deadline - time.monotonic()))
+            log.info("daemon.stopped", code=code)
+        return code
+
+    # ------------------------------------------------------------------ pieces
+
+    def _clean_temp_files(self) -> None:
+        for w in self.config.watches:
+            for folder in (w.output, w.archive):
+                if folder is not None:
+                    removed = writer.clean_temp_files(folder)
+                    if removed:
+                        log.info("daemon.temp_removed", folder=str(folder), files=removed)
+
+    def _log_limitations(self) -> None:
+        assert self.engine is not None
+        self._limitations = []
+        for w in self.config.watches:
+            for sentence in self.engine.limitations(w.options):
+                log.warning("engine.limitation", watch=str(w.path), detail=sentence)
+                self._limitations.append(f"{w.path}: {sentence}")
+
+    def _start_watcher(self) -> None:
+        assert self.worker is not None
+        excluded = [p for w in self.config.watches for p in (w.output, w.archive) if p]
+        self.watcher = Watcher(
+            [
+                FolderWatcher(
+                    w,
+                    self.store,
+                    excluded=excluded,
+                    rescan_s=self.rescan_s,
+                    on_enqueue=self.worker.wake,
+                )
+                for w in self.config.watches
+            ]
+        )
+        self._watcher_stop = threading.Event()
+        t = threading.Thread(
+            target=self.watcher.run, args=(self._watcher_stop,), name="watcher", daemon=True
+        )
         t.start()
-    log.info("daemon.started", watches=[str(w.path) for w in config.watches])
-    code = 0
-    try:
-        while not stop.wait(0.2):
-            if once and _finished(watcher, worker, store):
-                log.info("daemon.queue_empty")
-                break
-            if once and worker.auth_paused_until is not None:
-                log.error("daemon.stopping", reason="the engine refused the credentials")
-                code = 1
-                break
-    finally:
-        stop.set()
-        worker.wake()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for t in threads:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
-        engine.close()
-        log.info("daemon.stopped", code=code)
-    return code
+        self._threads = [x for x in self._threads if x.name != "watcher"] + [t]
 
+    def _scanned(self) -> bool:
+        return self.watcher is not None and all(f.scanned for f in self.watcher.folders)
 
-def _finished(watcher: Watcher, worker: Worker, store: Store) -> bool:
-    if not all(f.scanned for f in watcher.folders):
-        return False
-    return watcher.pending() == 0 and worker.busy() == 0 and store.active() == 0
+    def _finished(self) -> bool:
+        assert self.watcher is not None and self.worker is not None
+        if not self._scanned():
+            return False
+        return self.watcher.pending() == 0 and self.worker.busy() == 0 and self.store.active() == 0
+
+    def _reload(self, reload_config: Callable[[], Config] | None) -> None:
+        """SIGHUP: read the config again; a bad one keeps the old one running."""
+        if reload_config is None:
+            log.warning("config.reload_skipped", reason="no config file to read again")
+            return
+        self.notifier.reloading()
+        try:
+            new = reload_config()
+        except BlurdError as exc:
+            log.error("config.reload_failed", error=str(exc), detail="keeping the old config")
+            self.notifier.ready(self._status_line())
+            return
+        old = self.config
+        for key in ("engine", "database", "max_uploads", "max_in_flight", "metrics"):
+            if getattr(new.daemon, key) != getattr(old.daemon, key):
+                log.warning("config.needs_restart", key=f"daemon.{key}")
+        if new.engine_choice()[0] != old.engine_choice()[0] or new.blurit != old.blurit:
+            log.warning("config.needs_restart", key="engine or [blurit]")
+        self.config = Config(
+            old.daemon, old.blurit, new.watches, old.local, new.source, new.warnings
+        )
+        assert self.worker is not None and self.watcher is not None
+        self._watcher_stop.set()
+        for t in self._threads:
+            if t.name == "watcher":
+                t.join(timeout=STOP_GRACE_S)
+        self.worker.set_watches(list(new.watches))
+        self._log_limitations()
+        self._start_watcher()
+        log.info("config.reloaded", watches=[str(w.path) for w in new.watches])
+        self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        counts = self.store.counts()
+        parts = [f"{counts[s]} {s.value}" for s in JobState if counts[s]]
+        return "jobs: " + (", ".join(parts) if parts else "none")
+
+    def _publish_status(self) -> None:
+        try:
+            self.notifier.status(self._status_line())
+            self.store.save_daemon_state(self.node, self._state())
+        except BlurdError as exc:
+            log.warning("daemon.status_failed", error=str(exc))
+
+    def _state(self) -> dict[str, Any]:
+        assert self.engine is not None and self.worker is not None
+        name, why = self.config.engine_choice()
+        return {
+            "pid": os.getpid(),
+            "engine": self.engine.name,
+            "engine_reason": why if name == self.engine.name else "given by the caller",
+            "engine_state": self.engine.describe(),
+            "worker": self.worker.state(),
+            "limitations": self._limitations,
+            "watches": [str(w.path) for w in self.config.watches],
+        }

@@ -89,6 +89,14 @@ jobs = Table(
     Index("ix_jobs_content", "sha256", "fingerprint", "state"),
 )
 
+daemon_state = Table(
+    "daemon_state",
+    metadata,
+    Column("node", String(255), primary_key=True),  # host:pid of a running daemon
+    Column("data", Text, nullable=False),  # JSON: engine, why, auth, pauses, limitations
+    Column("updated_at", Float, nullable=False),
+)
+
 schema_info = Table(
     "blurd_schema",
     metadata,

@@ -6,14 +6,26 @@ and reports whether the row really moved. No I/O other than the database happens
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
@@ -25,6 +37,7 @@ from blurd.models import (
     Job,
     JobState,
     allowed,
+    daemon_state,
     jobs,
     metadata,
     schema_info,
@@ -307,6 +320,32 @@ class Store:
         with self._tx() as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
+    # ------------------------------------------------------------------ daemons
+
+    def save_daemon_state(self, node: str, data: dict[str, Any]) -> None:
+        """What a running daemon wants `blurd status` to show (engine, auth, pauses)."""
+        text = json.dumps(data, sort_keys=True)
+        now = self.clock()
+        with self._tx() as conn:
+            moved = conn.execute(
+                update(daemon_state)
+                .where(daemon_state.c.node == node)
+                .values(data=text, updated_at=now)
+            ).rowcount
+            if not moved:
+                conn.execute(insert(daemon_state).values(node=node, data=text, updated_at=now))
+
+    def clear_daemon_state(self, node: str) -> None:
+        with self._tx() as conn:
+            conn.execute(delete(daemon_state).where(daemon_state.c.node == node))
+
+    def daemon_states(self, fresher_than_s: float) -> dict[str, dict[str, Any]]:
+        """The states saved by daemons within the last ``fresher_than_s`` seconds."""
+        since = self.clock() - fresher_than_s
+        stmt = select(daemon_state).where(daemon_state.c.updated_at >= since)
+        with self._tx() as conn:
+            return {r.node: json.loads(r.data) for r in conn.execute(stmt)}
+
 
 def _prepare_sqlite_file(url: str) -> Path | None:
     """Create the SQLite file (and its folder) private to its owner before SQLAlchemy opens it."""
@@ -328,10 +367,17 @@ def _prepare_sqlite_file(url: str) -> Path | None:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-    # Switching the journal mode takes a lock even when there is nothing to switch: only do it
-    # on a database that is not in WAL mode yet (new, or made by another tool).
-    if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-        cur.execute("PRAGMA journal_mode = WAL")
+    # Switching to WAL needs the database to itself, and SQLite does not wait for that through
+    # the busy timeout: when two processes open a new database at once, one is refused at once.
+    # Switch only when needed, and retry for as long as the busy timeout would have waited.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cur.execute("PRAGMA synchronous = FULL")
     cur.close()
 

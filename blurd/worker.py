@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import structlog
 
@@ -28,6 +28,7 @@ from blurd import defaults, writer
 from blurd.config import WatchConfig
 from blurd.engines.base import Engine, Phase, RemoteStatus
 from blurd.errors import (
+    ApiError,
     AuthError,
     PaymentRequired,
     PermanentApiError,
@@ -35,6 +36,7 @@ from blurd.errors import (
     TransientApiError,
     UnknownJob,
 )
+from blurd.metrics import Metrics
 from blurd.models import Job, JobState
 from blurd.store import Store
 
@@ -70,6 +72,7 @@ def backoff(
     return delay
 
 
+_T = TypeVar("_T")
 _Step = Callable[[Job], None]
 _Runner = Callable[[_Step, Job], None]
 
@@ -137,6 +140,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         io_threads: int = 4,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -147,6 +151,7 @@ class Worker:
         self.clock = clock
         self.rng = rng
         self.io_threads = io_threads
+        self.metrics = metrics or Metrics()
         self.wake_event = threading.Event()
         self._lock = threading.Lock()
         self._busy: set[int] = set()  # jobs with a step queued or running
@@ -237,6 +242,14 @@ class Worker:
         return self._wait_hint(now)
 
     # ------------------------------------------------------------------ scheduling
+
+    def _engine_call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Call the engine; count every error it raises by HTTP status ("none": no reply)."""
+        try:
+            return fn(*args)
+        except ApiError as exc:
+            self.metrics.api_error(exc.status)
+            raise
 
     def _dispatch(self, pool: _Pool, fn: Callable[[Job], None], job: Job) -> None:
         with self._lock:
@@ -407,7 +420,7 @@ class Worker:
             if reason is not None:
                 self._fail(job, S.UPLOADING, reason)
                 return
-            remote_id = self.engine.submit(path, watch.options)
+            remote_id = self._engine_call(self.engine.submit, path, watch.options)
         except PaymentRequired as exc:
             self._on_payment_required(job, str(exc))
             return
@@ -436,6 +449,7 @@ class Worker:
             bytes_up=job.size,
             next_attempt_at=self.clock() + self.timing.poll_first_s,
         )
+        self.metrics.uploaded(job.size)
         if not moved:
             log.error("job.lost_remote_id", job_id=job.id, path=job.rel_path, remote_id=remote_id)
             return
@@ -460,7 +474,7 @@ class Worker:
     def _poll(self, job: Job) -> None:
         assert job.remote_id is not None
         try:
-            status = self.engine.poll(job.remote_id)
+            status = self._engine_call(self.engine.poll, job.remote_id)
         except UnknownJob:
             status = RemoteStatus(Phase.UNKNOWN)
         except AuthError as exc:
@@ -531,13 +545,16 @@ class Worker:
 
             def fetch_media(out: BinaryIO) -> int:
                 hasher.append(_HashingWriter(out))
-                return self.engine.fetch(remote_id, status, "media", cast(BinaryIO, hasher[-1]))
+                out_ = cast(BinaryIO, hasher[-1])
+                return self._engine_call(self.engine.fetch, remote_id, status, "media", out_)
 
             media, size = writer.place_bytes_from(fetch_media, media_target)
             detections: Path | None = None
             if watch.options.detections and job.result_detections_name:
                 detections, _ = writer.place_bytes_from(
-                    lambda out: self.engine.fetch(remote_id, status, "detections", out),
+                    lambda out: self._engine_call(
+                        self.engine.fetch, remote_id, status, "detections", out
+                    ),
                     writer.detections_target(watch.output, job.rel_path),
                 )
         except UnknownJob:
@@ -570,6 +587,7 @@ class Worker:
             progress=None,
         ):
             log.info("job.done", job_id=job.id, path=job.rel_path, output=str(media), bytes=size)
+        self.metrics.downloaded(size)
         try:
             self.engine.release(job.remote_id)
         except Exception as exc:

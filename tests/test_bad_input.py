@@ -112,13 +112,27 @@ def test_a_file_replaced_while_queued_is_processed_in_its_new_version(
     assert [u.size for u in fake.uploads] == [len(b"version two, longer")]
 
 
+def _open_in_this_process(path: Path) -> bool:
+    """True once some thread of this process (the daemon's upload) holds ``path`` open."""
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_file_deleted_while_uploading_still_comes_out(tmp_path: Path, fake: FakeBlurIt) -> None:
     """Deleting the source mid-upload loses nothing: the bytes being sent are the output."""
     fake.delay_next("submit", 1.0)
     with Daemon(tmp_path, fake) as d:
         data = os.urandom(50_000)
         (d.inbox / "a.jpg").write_bytes(data)
-        wait_for(lambda: d.counts()[S.UPLOADING] == 1, what="uploading")
+        wait_for(
+            lambda: d.counts()[S.UPLOADING] == 1 and _open_in_this_process(d.inbox / "a.jpg"),
+            what="the upload reading the file",
+        )
         (d.inbox / "a.jpg").unlink()
         wait_for(lambda: d.counts()[S.DONE] == 1, what="done")
     assert (d.outbox / "a.jpg").read_bytes() == anonymized(data)

@@ -68,6 +68,7 @@ class BlurItEngine(Engine):
         connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
         read_timeout_s: float = defaults.READ_TIMEOUT_S,
         upload_read_timeout_s: float = defaults.UPLOAD_READ_TIMEOUT_S,
+        on_token_refresh: Callable[[], None] | None = None,
     ) -> None:
         self._url = url.rstrip("/")
         self._timeout: Timeout = (connect_timeout_s, read_timeout_s)
@@ -77,8 +78,9 @@ class BlurItEngine(Engine):
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._auth = TokenKeeper(
-            self._session, self._url, client_id, secret_id, clock=clock, timeout=self._timeout
-        )
+            self._session, self._url, client_id, secret_id, clock=clock, timeout=self._timeout,
+            on_renewed=on_token_refresh,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"BlurItEngine(url={self._url!r})"
@@ -86,7 +88,9 @@ class BlurItEngine(Engine):
     # the three steps
     def submit(self, path: Path, options: Options) -> str:
         response = self._send(
-            "POST", JOB_PATH, "submit",
+            "POST",
+            JOB_PATH,
+            "submit",
             body=lambda: self._multipart(path, options),
             timeout=self._upload_timeout,
         )

@@ -118,7 +118,9 @@ class TokenKeeper:
         *,
         clock: Callable[[], float] = time.monotonic,
         timeout: Timeout = (defaults.CONNECT_TIMEOUT_S, defaults.READ_TIMEOUT_S),
+        on_renewed: Callable[[], None] | None = None,
     ) -> None:
+        self._on_renewed = on_renewed or (lambda: None)
         self._session = session
         self._url = url
         self._client_id = client_id
@@ -161,13 +163,19 @@ class TokenKeeper:
         return round(max(0.0, self._expires_at - self._clock()), 1)
 
     def _renew(self) -> None:
+        """Refresh the token, or log in again; either way tell ``on_renewed``."""
         if self._token is not None and self._refresh_token is not None:
             try:
                 self._refresh()
-                return
             except ApiError as exc:
                 log.warning("auth.failed", step="refresh", error=str(exc), status=exc.status)
+            else:
+                self._on_renewed()
+                return
+        had_token = self._token is not None
         self._login()
+        if had_token:
+            self._on_renewed()
 
     def _login(self) -> None:
         started = self._clock()
@@ -228,8 +236,9 @@ class TokenKeeper:
         if isinstance(refresh, str) and refresh:
             self._refresh_token = refresh
         self._expires_at = started + lifetime
-        margin = min(lifetime * (1 - defaults.TOKEN_REFRESH_AT_FRACTION),
-                     defaults.TOKEN_REFRESH_MARGIN_MAX_S)
+        margin = min(
+            lifetime * (1 - defaults.TOKEN_REFRESH_AT_FRACTION), defaults.TOKEN_REFRESH_MARGIN_MAX_S
+        )
         self._renew_at = self._expires_at - margin
         self.state = "ok"
 
