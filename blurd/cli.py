@@ -9,9 +9,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from blurd import __version__, logs
@@ -21,6 +21,7 @@ from blurd.models import Job, JobState
 from blurd.store import Store
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_API = 0, 1, 2, 3
+DAEMON_STALE_S = 30.0  # a daemon state older than this belongs to a daemon that is gone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--once", action="store_true", help="process what is there, exit when the queue is empty"
     )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="run in the background (for machines without systemd); needs --pidfile",
+    )
+    run.add_argument("--pidfile", metavar="FILE", help="with --detach: the locked pid file")
     run.add_argument("--verbose", action="store_true", help="debug logging")
 
     status = sub.add_parser(
@@ -76,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the configuration, paths and permissions, and log in once.",
     )
     with_config(check)
+
+    anon = sub.add_parser(
+        "anonymize",
+        help="anonymize files now, without the daemon",
+        description="Anonymize the given files now with the configured engine and the options "
+        "of the first [[watch]] (or the defaults), showing progress.",
+    )
+    with_config(anon)
+    anon.add_argument("files", nargs="+", metavar="FILE", type=Path, help="photos or videos")
+    anon.add_argument(
+        "-o", "--output", metavar="DIR", type=Path, default=Path("anonymized"),
+        help="where the results go (default: ./anonymized)",
+    )  # fmt: skip
     return p
 
 
@@ -87,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": cmd_jobs,
         "retry": cmd_retry,
         "check": cmd_check,
+        "anonymize": cmd_anonymize,
     }[args.command]
     try:
         return handler(args)
@@ -113,49 +134,106 @@ def _config(args: argparse.Namespace, *, require_watches: bool = True) -> config
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from blurd import daemon  # the daemon's imports are heavy; other commands do not need them
+    # Signal handlers first: a SIGTERM that arrives while the heavy modules below are still
+    # being imported must stop the daemon, not be lost.
+    from blurd.daemon import Signals
 
-    logs.configure(sys.stdout, verbose=args.verbose)
+    signals = Signals()
+    signals.install()
+    from blurd import daemon
+
+    if args.detach and not args.pidfile:
+        print("blurd run: --detach needs --pidfile FILE", file=sys.stderr)
+        return EXIT_CONFIG
     cfg = _config(args)
-    return daemon.run(cfg, once=args.once)
+
+    def reload_config() -> config_mod.Config:
+        return _config(args)
+
+    if args.detach:
+        from blurd import detach
+
+        return detach.run_detached(
+            cfg, signals, Path(args.pidfile), reload_config=reload_config, verbose=args.verbose
+        )
+    logs.configure(sys.stdout, verbose=args.verbose)
+    return daemon.run(cfg, once=args.once, signals=signals, reload_config=reload_config)
 
 
 def _store(cfg: config_mod.Config) -> Store:
     return Store(cfg.daemon.database)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _config(args, require_watches=False)
-    store = _store(cfg)
-    try:
-        counts = store.counts()
-        oldest = store.oldest_waiting()
-        last = store.last_error()
-        midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        uploaded = store.bytes_uploaded_since(midnight.timestamp())
-    finally:
-        store.close()
+def status_data(cfg: config_mod.Config, store: Store) -> dict[str, Any]:
+    """What `blurd status --json` prints (its shape is documented in the README)."""
+    counts = store.counts()
+    oldest = store.oldest_waiting()
+    last = store.last_error()
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    uploaded = store.bytes_uploaded_since(midnight.timestamp())
+    daemons = store.daemon_states(fresher_than_s=DAEMON_STALE_S)
     engine, why = cfg.engine_choice()
-    data: dict[str, Any] = {
-        "engine": engine,
-        "engine_reason": why,
-        "database": cfg.daemon.database,
+    live: dict[str, Any] = next(iter(daemons.values()), {})
+    engine_state = live.get("engine_state", {})
+    worker_state = live.get("worker", {})
+    return {
+        "running": bool(daemons),
+        "daemons": sorted(daemons),
+        "engine": live.get("engine", engine),
+        "engine_reason": live.get("engine_reason", why),
+        "auth": _auth_state(engine_state, worker_state, running=bool(daemons)),
+        "uploads_paused": bool(worker_state.get("uploads_paused", False)),
+        "limitations": live.get("limitations", []),
         "counts": {s.value: counts[s] for s in JobState},
         "oldest_waiting": _job_brief(oldest),
         "last_error": _job_brief(last),
         "uploaded_today_bytes": uploaded,
+        "database": _safe_url(cfg.daemon.database),
     }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args, require_watches=False)
+    store = _store(cfg)
+    try:
+        data = status_data(cfg, store)
+    finally:
+        store.close()
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print(f"engine:   {engine} ({why})")
+    running = "running (" + ", ".join(data["daemons"]) + ")" if data["running"] else "not running"
+    print(f"daemon:   {running}")
+    print(f"engine:   {data['engine']} ({data['engine_reason']})")
+    print(
+        f"auth:     {data['auth']}" + ("; uploads paused (402)" if data["uploads_paused"] else "")
+    )
+    for sentence in data["limitations"]:
+        print(f"limited:  {sentence}")
     print("jobs:     " + ", ".join(f"{k} {v}" for k, v in data["counts"].items()))
+    oldest, last = data["oldest_waiting"], data["last_error"]
     if oldest:
-        print(f"oldest:   #{oldest.id} {oldest.rel_path} ({oldest.state}, {_age(oldest)})")
+        print(f"oldest:   #{oldest['id']} {oldest['path']} ({oldest['state']}, since "
+              f"{oldest['created_at']})")  # fmt: skip
     if last:
-        print(f"last error: #{last.id} {last.rel_path}: {last.error}")
-    print(f"uploaded today: {uploaded / 1e6:.1f} MB")
+        print(f"last error: #{last['id']} {last['path']}: {last['error']}")
+    print(f"uploaded today: {data['uploaded_today_bytes'] / 1e6:.1f} MB")
     return EXIT_OK
+
+
+def _auth_state(engine: dict[str, Any], worker: dict[str, Any], *, running: bool) -> str:
+    if not running:
+        return "unknown (daemon not running)"
+    paused = str(worker.get("auth", ""))
+    if paused.startswith("paused"):
+        return paused
+    return str(engine.get("auth", "not needed"))
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -216,6 +294,46 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from blurd import daemon, oneshot
+    from blurd.options import Options
+
+    cfg = _config(args, require_watches=False)
+    options = cfg.watches[0].options if cfg.watches else Options()
+    engine = daemon.make_engine(cfg)
+    progress = _BarProgress(len(args.files))
+    try:
+        outcomes = oneshot.anonymize(args.files, args.output, engine, options, progress=progress)
+    finally:
+        progress.close()
+        engine.close()
+    failed = [o for o in outcomes if o.error]
+    for o in outcomes:
+        if o.error:
+            print(f"failed: {o.source}: {o.error}", file=sys.stderr)
+        else:
+            print(f"ok: {o.source} -> {o.output}")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+class _BarProgress:
+    """A tqdm bar over the files, its text saying what the current one is doing."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, source: Path, what: str) -> None:
+        self.bar.set_description(f"{source.name}: {what}")
+
+    def done(self, outcome: Any) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _job_dict(j: Job) -> dict[str, Any]:
     return {
         "id": j.id,
@@ -244,11 +362,6 @@ def _job_brief(j: Job | None) -> dict[str, Any] | None:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def _age(j: Job) -> str:
-    s = int(time.time() - j.created_at)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 if __name__ == "__main__":  # pragma: no cover

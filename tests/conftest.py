@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+
+from blurd import logs
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is now, so pytest's capture sees daemon logs, and command
+    output on stdout stays clean for the tests that parse it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+logs.configure(_CurrentStderr(), json=True)  # type: ignore[arg-type]
 
 T = TypeVar("T")
 
