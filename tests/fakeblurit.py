@@ -269,6 +269,7 @@ class FakeBlurIt:
         self.job_seconds, self.status_steps = job_seconds, tuple(status_steps)
         self.result_extension, self.port = result_extension, port
         self.url = ""
+        self.result_url_base: str | None = None  # result URLs on another host (a hostile API)
         self.payment_required = False
         self.wrong_credentials = False
         self._lock = threading.Lock()
@@ -433,13 +434,24 @@ class FakeBlurIt:
             return fault
 
     def _record(self, h: _Handler, status: int | None) -> None:
-        req = Req(h.command, urlsplit(h.path).path, h.headers.get("Authorization"), status,
-                  time.monotonic())
+        req = Req(
+            h.command,
+            urlsplit(h.path).path,
+            h.headers.get("Authorization"),
+            status,
+            time.monotonic(),
+        )
         with self._lock:
             self.requests.append(req)
 
-    def _send_head(self, h: _Handler, status: int, length: int, ctype: str,
-                   headers: dict[str, str] | None = None) -> None:
+    def _send_head(
+        self,
+        h: _Handler,
+        status: int,
+        length: int,
+        ctype: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self._record(h, status)
         h.send_response(status)
         h.send_header("Content-Type", ctype)
@@ -448,8 +460,14 @@ class FakeBlurIt:
             h.send_header(name, value)
         h.end_headers()
 
-    def _reply(self, h: _Handler, status: int, payload: Any, headers: dict[str, str] | None = None,
-               ctype: str = "application/json; charset=utf-8") -> None:
+    def _reply(
+        self,
+        h: _Handler,
+        status: int,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        ctype: str = "application/json; charset=utf-8",
+    ) -> None:
         if isinstance(payload, str):
             payload, ctype = payload.encode(), "text/plain; charset=utf-8"
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -503,7 +521,8 @@ class FakeBlurIt:
         if not all(isinstance(creds.get(k), str) for k in ("clientId", "secretId")):
             raise _Refusal(400, "invalid parameters")
         if self.wrong_credentials or (creds["clientId"], creds["secretId"]) != (
-            self.client_id, self.secret_id,
+            self.client_id,
+            self.secret_id,
         ):
             raise _Refusal(401, "Invalid credentials")
         reply = self._issue()
@@ -566,9 +585,10 @@ class FakeBlurIt:
         elapsed = time.monotonic() - job.created
         if elapsed >= self.job_seconds:
             reply = {"status": "Succeeded"}
-            reply["output_media"] = f"{self.url}{RESULT_PREFIX}{job.stem}{job.extension}"
+            base = self.result_url_base or self.url
+            reply["output_media"] = f"{base}{RESULT_PREFIX}{job.stem}{job.extension}"
             if job.upload.options.get("output_detections_url"):
-                reply["output_json"] = f"{self.url}{RESULT_PREFIX}{job.stem}.json"
+                reply["output_json"] = f"{base}{RESULT_PREFIX}{job.stem}.json"
             return reply
         steps = self.status_steps or ("Sent",)
         return {"status": steps[min(int(elapsed / self.job_seconds * len(steps)), len(steps) - 1)]}
@@ -591,8 +611,12 @@ class FakeBlurIt:
         upload = job.upload
         if kind == "json":
             detections = [{"class": "face", "box": [0.1, 0.1, 0.2, 0.2], "score": 0.9}]
-            doc = {"input_sha256": upload.sha256, "filename": upload.filename,
-                   "options": upload.options, "detections": detections}
+            doc = {
+                "input_sha256": upload.sha256,
+                "filename": upload.filename,
+                "options": upload.options,
+                "detections": detections,
+            }
             self._reply(h, 200, json.dumps(doc).encode(), ctype="application/json")
             return
         head = b"BLURRED:" + upload.sha256.encode() + b"\n"
@@ -623,12 +647,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-id", default="secret_test")
     parser.add_argument("--expiry-field", default="expireTime", choices=["expireTime", "expiresIn"])
     args = parser.parse_args(argv)
-    fake = FakeBlurIt(client_id=args.client_id, secret_id=args.secret_id, port=args.port,
-                      token_lifetime_s=args.token_lifetime, job_seconds=args.job_seconds,
-                      expiry_field=args.expiry_field)
+    fake = FakeBlurIt(
+        client_id=args.client_id,
+        secret_id=args.secret_id,
+        port=args.port,
+        token_lifetime_s=args.token_lifetime,
+        job_seconds=args.job_seconds,
+        expiry_field=args.expiry_field,
+    )
     with fake:
-        print(f"FakeBlurIt at {fake.url}  client_id={fake.client_id}  secret_id={fake.secret_id}",
-              flush=True)
+        print(
+            f"FakeBlurIt at {fake.url}  client_id={fake.client_id}  secret_id={fake.secret_id}",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
 

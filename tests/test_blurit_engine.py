@@ -114,7 +114,10 @@ def test_token_lifetime_from_either_field_or_the_default(
         assert engine.describe()["auth"] == "logged out"
         engine.check()
         assert engine.describe() == {
-            "engine": "blurit", "url": fake.url, "auth": "ok", "token_expires_in_s": expected_s,
+            "engine": "blurit",
+            "url": fake.url,
+            "auth": "ok",
+            "token_expires_in_s": expected_s,
         }
 
 
@@ -144,15 +147,15 @@ def test_short_lived_tokens_are_refreshed_before_they_die(image: Path) -> None:
         assert 401 not in statuses(fake)
 
 
-def test_401_refreshes_once_and_replays_the_request(
-    fake: FakeBlurIt, engine: BlurItEngine
-) -> None:
+def test_401_refreshes_once_and_replays_the_request(fake: FakeBlurIt, engine: BlurItEngine) -> None:
     """A token the server no longer takes is refreshed, and the request goes again, once."""
     engine.check()
     fake.expire_all_tokens()
     assert engine.poll("some-id").phase == Phase.UNKNOWN
     assert [(r.path, r.status) for r in fake.requests[1:]] == [
-        (JOB, 401), ("/token", 200), (JOB, 200),
+        (JOB, 401),
+        ("/token", 200),
+        (JOB, 200),
     ]
     assert (fake.refreshes, fake.logins) == (1, 1)
 
@@ -169,9 +172,7 @@ def test_replayed_upload_sends_the_whole_file_again(
     assert upload.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
 
 
-def test_failed_refresh_falls_back_to_a_fresh_login(
-    fake: FakeBlurIt, engine: BlurItEngine
-) -> None:
+def test_failed_refresh_falls_back_to_a_fresh_login(fake: FakeBlurIt, engine: BlurItEngine) -> None:
     """When /token refuses, the engine logs in again and the request still succeeds."""
     engine.check()
     fake.expire_all_tokens()
@@ -180,9 +181,7 @@ def test_failed_refresh_falls_back_to_a_fresh_login(
     assert (fake.refreshes, fake.logins) == (0, 2)
 
 
-def test_second_401_after_renewal_is_an_auth_error(
-    fake: FakeBlurIt, engine: BlurItEngine
-) -> None:
+def test_second_401_after_renewal_is_an_auth_error(fake: FakeBlurIt, engine: BlurItEngine) -> None:
     """Only one replay: a 401 to the renewed token raises AuthError."""
     fake.fail_next("status", 401, count=2)
     with pytest.raises(AuthError):
@@ -238,9 +237,7 @@ def test_wrong_credentials_raise_auth_error(fake: FakeBlurIt, image: Path) -> No
     assert fake.uploads == []
 
 
-def test_429_is_transient_and_carries_retry_after(
-    fake: FakeBlurIt, engine: BlurItEngine
-) -> None:
+def test_429_is_transient_and_carries_retry_after(fake: FakeBlurIt, engine: BlurItEngine) -> None:
     """429 becomes TransientApiError with retry_after_s from the Retry-After header."""
     fake.fail_next("status", 429, retry_after=7)
     with pytest.raises(TransientApiError) as caught:
@@ -315,9 +312,7 @@ def test_400_carries_the_api_message(engine: BlurItEngine, image: Path) -> None:
     assert caught.value.status == 400
 
 
-def test_413_carries_the_api_message(
-    fake: FakeBlurIt, engine: BlurItEngine, image: Path
-) -> None:
+def test_413_carries_the_api_message(fake: FakeBlurIt, engine: BlurItEngine, image: Path) -> None:
     """413 on submit is PermanentApiError with the API's message."""
     body = {"statusCode": 413, "error": "Payload Too Large", "message": "File is over 8 GB"}
     fake.fail_next("submit", 413, body=body)
@@ -325,10 +320,8 @@ def test_413_carries_the_api_message(
         engine.submit(image, Options())
 
 
-def test_unknown_job_is_phase_unknown(
-    fake: FakeBlurIt, engine: BlurItEngine, image: Path
-) -> None:
-    """"Unknown job" (HTTP 200) maps to Phase.UNKNOWN, for forgotten and never-seen ids."""
+def test_unknown_job_is_phase_unknown(fake: FakeBlurIt, engine: BlurItEngine, image: Path) -> None:
+    """ "Unknown job" (HTTP 200) maps to Phase.UNKNOWN, for forgotten and never-seen ids."""
     job_id = engine.submit(image, Options())
     fake.forget_job(job_id)
     assert engine.poll(job_id).phase == Phase.UNKNOWN
@@ -343,8 +336,9 @@ def test_failed_and_revoked_jobs_are_failed_with_a_reason(image: Path) -> None:
         failed, revoked = (engine.submit(image, Options()) for _ in range(2))
         fake.fail_job(failed, "corrupt media")
         fake.revoke_job(revoked)
-        assert engine.poll(failed) == RemoteStatus(Phase.FAILED, raw="Failed",
-                                                   error="corrupt media")
+        assert engine.poll(failed) == RemoteStatus(
+            Phase.FAILED, raw="Failed", error="corrupt media"
+        )
         assert engine.poll(revoked).error == "revoked by the API"
         assert engine.poll(revoked).phase == Phase.FAILED
 
@@ -391,12 +385,15 @@ def test_unusable_result_names_are_refused_without_a_request(
 
 
 def test_result_is_fetched_from_the_configured_url(fake: FakeBlurIt, image: Path) -> None:
-    """Only the file name of output_media is used: the request goes to the configured host."""
+    """Result URLs naming another host are fetched from the configured one: the bearer token
+    never leaves for a host blurd was not configured with."""
     with FakeBlurIt() as other:
+        other.result_url_base = fake.url  # the API points the result at another host
         engine = make_engine(other)
         job_id = engine.submit(image, Options())
         status = finished(engine, job_id)
         engine.fetch(job_id, status, "media", io.BytesIO())
+    assert status.media_name and fake.url not in status.media_name
     assert fake.requests == []
     assert other.requests[-1].path == f"/innovation-service/result/{status.media_name}"
 
@@ -406,32 +403,53 @@ def test_result_is_fetched_from_the_configured_url(fake: FakeBlurIt, image: Path
     [
         (Options(), {"blur_type": {"anonymization_type": "blur", "smooth_padding": 0}}),
         (
-            Options(style="opaque", color="#ff0000", padding=3, faces=False, detections=False,
-                    area=Area(left=0.5, top=0.0, right=1.0, bottom=0.75)),
+            Options(
+                style="opaque",
+                color="#ff0000",
+                padding=3,
+                faces=False,
+                detections=False,
+                area=Area(left=0.5, top=0.0, right=1.0, bottom=0.75),
+            ),
             {
-                "blur_type": {"anonymization_type": "opaque", "hex_color": "#ff0000",
-                              "smooth_padding": 3},
+                "blur_type": {
+                    "anonymization_type": "opaque",
+                    "hex_color": "#ff0000",
+                    "smooth_padding": 3,
+                },
                 "included_area": {"left": 0.5, "top": 0.0, "right": 1.0, "bottom": 0.75},
-                "activation_faces_blur": False, "output_detections_url": False,
+                "activation_faces_blur": False,
+                "output_detections_url": False,
             },
         ),
         (
             Options(style="pixelate", pixels=16, plates=False),
-            {"blur_type": {"anonymization_type": "pixelate", "num_pixels": 16,
-                           "smooth_padding": 0},
-             "activation_plates_blur": False},
+            {
+                "blur_type": {
+                    "anonymization_type": "pixelate",
+                    "num_pixels": 16,
+                    "smooth_padding": 0,
+                },
+                "activation_plates_blur": False,
+            },
         ),
     ],
 )
 def test_options_arrive_parsed_exactly_as_configured(
-    fake: FakeBlurIt, engine: BlurItEngine, image: Path, options: Options,
+    fake: FakeBlurIt,
+    engine: BlurItEngine,
+    image: Path,
+    options: Options,
     expected: dict[str, Any],
 ) -> None:
     """Booleans as "true"/"false", JSON-string nested fields, no area when it is the full frame."""
     engine.submit(image, options)
     (upload,) = fake.uploads
-    parsed = {"activation_faces_blur": True, "activation_plates_blur": True,
-              "output_detections_url": True} | expected
+    parsed = {
+        "activation_faces_blur": True,
+        "activation_plates_blur": True,
+        "output_detections_url": True,
+    } | expected
     assert upload.options == parsed
     assert upload.fields["activation_faces_blur"] in ("true", "false")
     assert ("included_area" in upload.fields) == (not options.area.is_full())
@@ -497,8 +515,14 @@ def test_secrets_never_appear_in_errors_logs_or_repr(fake: FakeBlurIt, image: Pa
             BlurItEngine(fake.url, "client_test", "not-the-secret").check()
         errors.append(wrong.value)
     assert [type(e).__name__ for e in errors] == [
-        "TransientApiError", "TransientApiError", "AuthError", "TransientApiError",
-        "TransientApiError", "PermanentApiError", "TransientApiError", "AuthError",
+        "TransientApiError",
+        "TransientApiError",
+        "AuthError",
+        "TransientApiError",
+        "TransientApiError",
+        "PermanentApiError",
+        "TransientApiError",
+        "AuthError",
     ]
     tokens = {r.authorization.split()[1] for r in fake.requests if r.authorization}
     assert len(tokens) >= 3

@@ -180,3 +180,35 @@ def test_metrics_endpoint(tmp_path: Path, fake: FakeBlurIt) -> None:
         assert "blurd_oldest_waiting_job_age_seconds" in text
     finally:
         assert stop(proc) == 0
+
+
+def test_no_secret_or_token_in_logs_or_command_output(tmp_path: Path, fake: FakeBlurIt) -> None:
+    """The secret, and every access and refresh token the API handed out, appear nowhere: not
+    in the daemon's debug log, not in any command's output."""
+    fake.token_lifetime_s = 1.0  # several refreshes during the run
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(config_text(tmp_path, fake, ["in"]))
+    log = tmp_path / "log"
+    proc = blurd("run", "--verbose", "--config", str(cfg), env=env_for(fake), log=log)
+    try:
+        for i in range(3):
+            (tmp_path / "in" / f"{i}.jpg").write_bytes(os.urandom(500))
+        wait_for(lambda: len(list((tmp_path / "in-out").glob("*.json"))) == 3, timeout=30,
+                 what="3 outputs")  # fmt: skip
+        wait_for(lambda: fake.refreshes >= 1, timeout=10, what="a token refresh")
+    finally:
+        assert stop(proc) == 0
+    outputs = [log.read_text()]
+    one_shot = ["anonymize", "-o", str(tmp_path / "x"), str(tmp_path / "in" / "0.jpg")]
+    for args in (["status"], ["status", "--json"], ["jobs", "--json"], ["check"], one_shot):
+        done = subprocess.run(
+            [sys.executable, "-m", "blurd", *args, "--config", str(cfg)],
+            env=env_for(fake), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        outputs += [done.stdout, done.stderr]
+    with fake._lock:
+        secrets = [fake.secret_id, *fake._tokens, *fake._refresh_tokens]
+    assert len(secrets) >= 3
+    for text in outputs:
+        for secret in secrets:
+            assert secret not in text
