@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import mimetypes
+import random
 import secrets
 import shutil
 import socket
@@ -270,6 +271,8 @@ class FakeBlurIt:
         self.result_extension, self.port = result_extension, port
         self.url = ""
         self.result_url_base: str | None = None  # result URLs on another host (a hostile API)
+        self._chaos_rate, self._chaos_rng = 0.0, random.Random(0)
+        self.chaos_faults = 0  # faults injected by chaos()
         self.payment_required = False
         self.wrong_credentials = False
         self._lock = threading.Lock()
@@ -422,11 +425,33 @@ class FakeBlurIt:
                 remaining -= len(data)
         return b"", Path(name)
 
+    def chaos(self, rate: float, seed: int = 0) -> None:
+        """From now on, a share ``rate`` of submit/status/result requests fails at random:
+        500, 503, 429 (Retry-After: 1), a dropped connection or (results) a truncated body."""
+        with self._lock:
+            self._chaos_rate, self._chaos_rng = rate, random.Random(seed)
+
+    def _chaos_fault(self, route: str | None) -> _Fault | None:
+        if (
+            route not in ("submit", "status", "result")
+            or self._chaos_rng.random() >= self._chaos_rate
+        ):
+            return None
+        kinds = ["500", "503", "429", "drop"] + (["truncate"] if route == "result" else [])
+        kind = self._chaos_rng.choice(kinds)
+        self.chaos_faults += 1
+        if kind == "drop":
+            return _Fault("drop", 1)
+        if kind == "truncate":
+            self._truncations += 1
+            return None
+        return _Fault("fail", 1, int(kind), None, "1" if kind == "429" else None)
+
     def _take_fault(self, route: str | None) -> _Fault | None:
         with self._lock:
             queue = self._faults.get(route or "", [])
             if not queue:
-                return None
+                return self._chaos_fault(route)
             fault = queue[0]
             fault.count -= 1
             if fault.count <= 0:
@@ -646,6 +671,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-id", default="client_test")
     parser.add_argument("--secret-id", default="secret_test")
     parser.add_argument("--expiry-field", default="expireTime", choices=["expireTime", "expiresIn"])
+    parser.add_argument("--chaos", type=float, default=0.0, help="share of requests that fail")
     args = parser.parse_args(argv)
     fake = FakeBlurIt(
         client_id=args.client_id,
@@ -656,6 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         expiry_field=args.expiry_field,
     )
     with fake:
+        fake.chaos(args.chaos)
         print(
             f"FakeBlurIt at {fake.url}  client_id={fake.client_id}  secret_id={fake.secret_id}",
             flush=True,
