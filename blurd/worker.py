@@ -392,23 +392,8 @@ class Worker:
         except OSError as exc:
             log.warning("job.reuse_failed", job_id=job.id, path=job.rel_path, error=str(exc))
             return
-        self._apply_originals(job, watch, path)
-        if self.store.transition(
-            job.id,
-            S.QUEUED,
-            S.DONE,
-            output_media=str(placed),
-            output_detections=str(placed_json) if placed_json else None,
-            output_sha256=earlier.output_sha256,
-            error=None,
-        ):
-            log.info(
-                "job.done",
-                job_id=job.id,
-                path=job.rel_path,
-                reused_from=earlier.id,
-                output=str(placed),
-            )
+        self._finish(job, S.QUEUED, watch, path, placed, placed_json, earlier.output_sha256,
+                     reused_from=earlier.id)  # fmt: skip
 
     def _upload(self, job: Job) -> None:
         watch, path = self._source(job)
@@ -575,18 +560,8 @@ class Worker:
             # The output folder is not writable, full or gone: wait, lose nothing.
             self._retry_later(job, S.DOWNLOADING, f"cannot write the output: {exc}", None)
             return
-        self._apply_originals(job, watch, path)
-        if self.store.transition(
-            job.id,
-            S.DOWNLOADING,
-            S.DONE,
-            output_media=str(media),
-            output_detections=str(detections) if detections else None,
-            output_sha256=hasher[0].sha.hexdigest(),
-            error=None,
-            progress=None,
-        ):
-            log.info("job.done", job_id=job.id, path=job.rel_path, output=str(media), bytes=size)
+        self._finish(job, S.DOWNLOADING, watch, path, media, detections,
+                     hasher[0].sha.hexdigest(), bytes=size)  # fmt: skip
         self.metrics.downloaded(size)
         try:
             self.engine.release(job.remote_id)
@@ -594,6 +569,31 @@ class Worker:
             log.warning("job.release_failed", job_id=job.id, path=job.rel_path, error=str(exc))
 
     # ------------------------------------------------------------------ outcomes
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        watch: WatchConfig,
+        source: Path,
+        media: Path,
+        detections: Path | None,
+        media_sha256: str | None,
+        **context: Any,
+    ) -> None:
+        """Outputs are durably in place: apply the originals policy, then mark the job done."""
+        self._apply_originals(job, watch, source)
+        if self.store.transition(
+            job.id,
+            state,
+            S.DONE,
+            output_media=str(media),
+            output_detections=str(detections) if detections else None,
+            output_sha256=media_sha256,
+            error=None,
+            progress=None,
+        ):
+            log.info("job.done", job_id=job.id, path=job.rel_path, output=str(media), **context)
 
     def _apply_originals(self, job: Job, watch: WatchConfig, path: Path) -> None:
         if watch.originals == "keep":
