@@ -508,7 +508,8 @@ class Worker:
                 self._fail(job, S.PROCESSING, f"the engine kept answering {status.raw!r}")
                 return
         t = self.timing
-        interval = min(t.poll_max_s, t.poll_first_s * t.poll_growth ** (n - 1))
+        cap = min(t.poll_max_s, self.engine.max_poll_interval_s or t.poll_max_s)
+        interval = min(cap, t.poll_first_s * t.poll_growth ** (n - 1))
         interval *= 0.8 + 0.4 * self.rng()
         self.store.update(
             job.id, S.PROCESSING, next_attempt_at=self.clock() + interval,

@@ -8,6 +8,7 @@ import pytest
 
 np = pytest.importorskip("numpy")
 cv2 = pytest.importorskip("cv2")
+pytest.importorskip("av")
 pytest.importorskip("onnxruntime")
 
 from blurd.engines.local.detect import PROVIDER, FaceDetector, model_bytes  # noqa: E402

@@ -18,7 +18,12 @@ from blurd.engines.base import Phase, RemoteStatus  # noqa: E402
 from blurd.engines.local import LocalEngine  # noqa: E402
 from blurd.engines.local.jobs import _Reporter  # noqa: E402
 from blurd.engines.local.testing import gradient_image, make_clip  # noqa: E402
-from blurd.errors import ConfigError, PermanentApiError, UnknownJob  # noqa: E402
+from blurd.errors import (  # noqa: E402
+    ConfigError,
+    PermanentApiError,
+    TransientApiError,
+    UnknownJob,
+)
 from blurd.options import Options  # noqa: E402
 from tests.conftest import wait_for  # noqa: E402
 
@@ -141,7 +146,7 @@ def test_check_loads_the_model(tmp_path: Path) -> None:
 
 
 def test_close_removes_the_work_folder(tmp_path: Path) -> None:
-    """close() leaves nothing behind in the work folder it was given."""
+    """close() leaves nothing behind in the work folder it was given, and refuses new jobs."""
     engine = LocalEngine(workers=1, work_dir=tmp_path / "work")
     src = tmp_path / "flat.png"
     cv2.imwrite(str(src), gradient_image(32, 32))
@@ -149,6 +154,8 @@ def test_close_removes_the_work_folder(tmp_path: Path) -> None:
     assert finished(engine, remote_id).phase is Phase.SUCCEEDED
     engine.close()
     assert list((tmp_path / "work").iterdir()) == []
+    with pytest.raises(TransientApiError):
+        engine.submit(src, Options())
 
 
 def test_progress_and_cancel_travel_through_the_job_folder(tmp_path: Path) -> None:

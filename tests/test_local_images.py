@@ -10,6 +10,7 @@ import pytest
 
 np = pytest.importorskip("numpy")
 cv2 = pytest.importorskip("cv2")
+pytest.importorskip("av")
 pytest.importorskip("onnxruntime")
 
 from blurd.engines.local.detect import FaceDetector  # noqa: E402

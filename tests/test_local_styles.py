@@ -6,6 +6,8 @@ import pytest
 
 np = pytest.importorskip("numpy")
 pytest.importorskip("cv2")
+pytest.importorskip("av")
+pytest.importorskip("onnxruntime")  # frames.py loads the detector module
 
 from blurd.engines.local.frames import FrameAnonymizer, Hit  # noqa: E402
 from blurd.engines.local.styles import (  # noqa: E402

@@ -15,8 +15,9 @@ pytest.importorskip("onnxruntime")
 from blurd.engines.local.detect import FaceDetector  # noqa: E402
 from blurd.engines.local.errors import MediaError  # noqa: E402
 from blurd.engines.local.frames import FrameAnonymizer, Hit  # noqa: E402
+from blurd.engines.local.schedule import DetectionSchedule, carried, unmatched  # noqa: E402
 from blurd.engines.local.testing import detail, face_crop, gradient_image, make_clip  # noqa: E402
-from blurd.engines.local.video import anonymize_video, carried  # noqa: E402
+from blurd.engines.local.video import anonymize_video  # noqa: E402
 from blurd.options import Options  # noqa: E402
 
 EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
@@ -112,6 +113,32 @@ def test_boxes_carried_between_detections_span_the_motion() -> None:
     assert carried([Hit("face", 0, 0, 10, 10, 0.5)], []) == [
         Hit("face", 0, 0, 10, 10, 0.5, held=True)  # a face leaving
     ]
+
+
+class Frame:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def test_the_schedule_detects_every_nth_and_the_last_frame_and_writes_all_in_order() -> None:
+    """Every 3rd frame and the last are detected; all frames are written once, in order."""
+    seen: list[int] = []
+    written: list[tuple[int, list[Hit]]] = []
+
+    def find(frame: Frame) -> list[Hit]:
+        seen.append(frame.index)
+        x = 10.0 * frame.index  # one face moving 10 px per frame; lost on frame 6
+        return [] if frame.index == 6 else [Hit("face", x, 0, x + 40, 40, 0.9)]
+
+    count = DetectionSchedule(find, lambda f, h: written.append((f.index, h)), every=3).run(
+        Frame(i) for i in range(8)
+    )
+    assert count == 8
+    assert sorted(seen) == [0, 3, 6, 7]
+    assert [i for i, _ in written] == list(range(8))
+    hits = dict(written)
+    assert hits[1] == [Hit("face", 0, 0, 70, 40, 0.9, held=True)]  # spans frames 0 to 3
+    assert hits[6] == unmatched(hits[3], [])  # the miss on frame 6 keeps frame 3's box
 
 
 def test_a_rotated_phone_video_is_written_upright(tmp_path: Path, detector: FaceDetector) -> None:

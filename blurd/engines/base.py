@@ -51,6 +51,9 @@ class Engine(ABC):
     name: str = "engine"
     #: lower-case extensions with the dot that this engine accepts
     supported_extensions: frozenset[str] = frozenset()
+    #: the longest wait between two polls of one job; None leaves it to the worker's timing
+    #: (an engine on this machine is cheap to ask and finishes jobs sooner than a remote one)
+    max_poll_interval_s: float | None = None
 
     @abstractmethod
     def submit(self, path: Path, options: Options) -> str: ...

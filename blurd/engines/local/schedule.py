@@ -1,0 +1,131 @@
+"""Which video frames get a detection, and which boxes every frame hides.
+
+Detection runs on every ``every``-th frame and on the last frame, in a background thread that
+works up to two detections ahead of the frame being written, so the model and the encoder use
+the cores at the same time (onnxruntime and FFmpeg release the GIL).
+
+What a frame hides:
+- a detected frame: its own detections, plus the boxes of the previous detection that found no
+  counterpart in it (a face the model missed once stays hidden);
+- a frame in between: ``carried(before, after)``, the boxes of the detections on both sides,
+  with one box spanning each pair that is probably the same face, so a face moving between the
+  two detections stays covered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from blurd.engines.local.frames import Hit
+
+SAME_FACE_DISTANCE = 1.5  # centre distance, in face sizes, under which two boxes are one face
+LOOKAHEAD_DETECTIONS = 2  # detections started before a frame is written
+
+
+class Indexed(Protocol):
+    @property
+    def index(self) -> int: ...
+
+
+T = TypeVar("T", bound=Indexed)
+
+
+@dataclass
+class _Slot(Generic[T]):
+    item: T
+    future: Future[list[Hit]] | None
+
+
+class DetectionSchedule(Generic[T]):
+    """Feeds frames to ``emit(frame, hits)`` in order, detecting with ``find`` on a thread."""
+
+    def __init__(
+        self,
+        find: Callable[[T], list[Hit]],
+        emit: Callable[[T, list[Hit]], None],
+        *,
+        every: int,
+    ) -> None:
+        self.find = find
+        self.emit = emit
+        self.every = max(1, every)
+        self._before: list[Hit] = []
+
+    def run(self, frames: Iterable[T]) -> int:
+        """Process every frame; returns how many there were."""
+        count = 0
+        window: deque[_Slot[T]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blurd-detect") as pool:
+            for item in frames:
+                count += 1
+                detect = item.index % self.every == 0
+                window.append(_Slot(item, pool.submit(self.find, item) if detect else None))
+                self._drain(window, keep=LOOKAHEAD_DETECTIONS)
+            if window and window[-1].future is None:
+                window[-1].future = pool.submit(self.find, window[-1].item)
+            self._drain(window, keep=0)
+        return count
+
+    def _drain(self, window: deque[_Slot[T]], *, keep: int) -> None:
+        """Write the oldest frames while ``keep`` detections are started after each."""
+        while window:
+            ahead = [slot for slot in list(window)[1:] if slot.future is not None]
+            if len(ahead) < max(keep, 0 if window[0].future is not None else 1):
+                return
+            slot = window.popleft()
+            if slot.future is not None:
+                after = slot.future.result()
+                self.emit(slot.item, after + unmatched(self._before, after))
+                self._before = after
+            else:
+                upcoming = ahead[0].future
+                assert upcoming is not None
+                self.emit(slot.item, carried(self._before, upcoming.result()))
+
+
+def carried(before: list[Hit], after: list[Hit]) -> list[Hit]:
+    """Boxes for a frame between two detected frames with ``before`` and ``after`` hits.
+
+    A pair of boxes, one on each side, that are probably the same face becomes one box
+    spanning both; every other box is kept as it is. All are marked held.
+    """
+    out: list[Hit] = []
+    matched_after: set[int] = set()
+    for a in before:
+        pairs = [(j, b) for j, b in enumerate(after) if same_face(a, b)]
+        if not pairs:
+            out.append(a.as_held())
+        for j, b in pairs:
+            matched_after.add(j)
+            out.append(
+                Hit(
+                    a.kind,
+                    min(a.x1, b.x1),
+                    min(a.y1, b.y1),
+                    max(a.x2, b.x2),
+                    max(a.y2, b.y2),
+                    min(a.score, b.score),
+                    held=True,
+                )
+            )
+    out.extend(b.as_held() for j, b in enumerate(after) if j not in matched_after)
+    return out
+
+
+def unmatched(before: list[Hit], after: list[Hit]) -> list[Hit]:
+    """The ``before`` boxes with no counterpart in ``after``, marked held."""
+    return [a.as_held() for a in before if not any(same_face(a, b) for b in after)]
+
+
+def same_face(a: Hit, b: Hit) -> bool:
+    """Two boxes of one class whose centres are closer than 1.5 face sizes."""
+    if a.kind != b.kind:
+        return False
+    size = max(a.x2 - a.x1, a.y2 - a.y1, b.x2 - b.x1, b.y2 - b.y1)
+    distance = math.hypot((a.x1 + a.x2 - b.x1 - b.x2) / 2, (a.y1 + a.y2 - b.y1 - b.y2) / 2)
+    return distance <= SAME_FACE_DISTANCE * size
