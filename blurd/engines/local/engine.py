@@ -42,7 +42,7 @@ COPY_CHUNK_BYTES = 1024 * 1024
 
 PLATES_UNSUPPORTED_WHY = (
     "no licence-plate detector that is permissively licensed and accurate enough ships with "
-    "blurd (see docs/local-engine.md)"
+    "blurd (see 'The local engine' in the README)"
 )
 PLATES_WARNING = (
     "The local engine does not detect licence plates: plates = true is ignored and plates "
