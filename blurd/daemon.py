@@ -209,7 +209,7 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.stop.set()
-            self._watcher_stop.set()
+            self._stop_watcher_thread(join=False)
             self.worker.wake()
             deadline = time.monotonic() + STOP_GRACE_S
             for t in self._threads:
@@ -257,6 +257,15 @@ class Daemon:
         t.start()
         self._threads = [x for x in self._threads if x.name != "watcher"] + [t]
 
+    def _stop_watcher_thread(self, *, join: bool) -> None:
+        self._watcher_stop.set()
+        if self.watcher is not None:
+            self.watcher.wake.set()
+        if join:
+            for t in self._threads:
+                if t.name == "watcher":
+                    t.join(timeout=STOP_GRACE_S)
+
     def _scanned(self) -> bool:
         return self.watcher is not None and all(f.scanned for f in self.watcher.folders)
 
@@ -288,10 +297,7 @@ class Daemon:
             old.daemon, old.blurit, new.watches, old.local, new.source, new.warnings
         )
         assert self.worker is not None and self.watcher is not None
-        self._watcher_stop.set()
-        for t in self._threads:
-            if t.name == "watcher":
-                t.join(timeout=STOP_GRACE_S)
+        self._stop_watcher_thread(join=True)
         self.worker.set_watches(list(new.watches))
         self._log_limitations()
         self._start_watcher()

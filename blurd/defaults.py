@@ -9,10 +9,12 @@ MAX_UPLOADS = 2
 MAX_IN_FLIGHT = 32
 RESCAN_INTERVAL_S = 300.0
 LOOP_TICK_S = 0.5
+TICK_BATCH_S = 0.02  # after a wake-up, the worker's scheduler waits this long for more
 
 # watch
 SETTLE_S = 5.0
 STABILITY_CHECK_S = 0.5
+EVENT_BATCH_S = 0.05  # after a watchdog event, wait this long for more before a tick
 
 # BlurIt HTTP
 TOKEN_LIFETIME_DEFAULT_S = 3600.0

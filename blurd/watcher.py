@@ -112,6 +112,7 @@ class FolderWatcher:
         self._missing_logged = False
         self._known: set[tuple[str, int, int]] = set()
         self.scanned = False  # the first full scan is done
+        self.on_event: Callable[[], None] = lambda: None  # set by Watcher: wakes its thread
 
     # ------------------------------------------------------------ events (watchdog thread)
 
@@ -119,11 +120,13 @@ class FolderWatcher:
         if self._wanted(path):
             with self._lock:
                 self._touched.add(path)
+            self.on_event()
 
     def note_directory(self, path: str) -> None:
         if self._wanted(path):
             with self._lock:
                 self._dirs.add(path)
+            self.on_event()
 
     # ------------------------------------------------------------ the watcher loop
 
@@ -259,6 +262,9 @@ class Watcher:
 
     def __init__(self, folders: list[FolderWatcher]) -> None:
         self.folders = folders
+        self.wake = threading.Event()  # an event came in (set it too when stopping)
+        for f in folders:
+            f.on_event = self.wake.set
 
     def tick(self) -> int:
         return sum(f.tick() for f in self.folders)
@@ -272,11 +278,16 @@ class Watcher:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            self.wake.clear()
             try:
                 self.tick()
             except Exception:
                 log.exception("watch.error")
                 stop.wait(5.0)
-            stop.wait(self.wait_hint())
+            # A file's settle window starts at its last event: take events in as they come,
+            # not at the next check (up to 0.5 s later). The short pause after a wake lets a
+            # burst of events (a folder copied in) share one tick.
+            if self.wake.wait(self.wait_hint()):
+                stop.wait(defaults.EVENT_BATCH_S)
         for f in self.folders:
             f.stop()

@@ -198,7 +198,10 @@ class Worker:
                 except Exception:
                     log.exception("worker.error")
                     wait = 5.0
-                self.wake_event.wait(wait)
+                if self.wake_event.wait(wait):
+                    # Steps end in bursts; let them share one tick (a tick is ~6 queries, and
+                    # every finished step asks for one).
+                    stop.wait(defaults.TICK_BATCH_S)
                 self.wake_event.clear()
         finally:
             self._upload_pool.close()
@@ -214,14 +217,15 @@ class Worker:
         assert self._upload_pool is not None and self._io_pool is not None
         now = self.clock()
         api_ok = self._api_available(now)
-        with self._lock:
-            busy = set(self._busy)
+        # Each query excludes the jobs busy *now*: a step handed out a moment ago may already
+        # have moved its job on (a poll to `downloading`, a prepare to hashed-and-queued)
+        # while it still runs, and the job must not get a second step.
         if api_ok:
-            for job in self.store.due(S.PROCESSING, now, 100, busy):
+            for job in self.store.due(S.PROCESSING, now, 100, self._busy_now()):
                 self._dispatch(self._io_pool, self._poll, job)
-            for job in self.store.due(S.DOWNLOADING, now, 100, busy):
+            for job in self.store.due(S.DOWNLOADING, now, 100, self._busy_now()):
                 self._dispatch(self._io_pool, self._download, job)
-        for job in self.store.due(S.QUEUED, now, 100, busy, prepared=False):
+        for job in self.store.due(S.QUEUED, now, 100, self._busy_now(), prepared=False):
             self._dispatch(self._io_pool, self._prepare, job)
         if api_ok and self._uploads_allowed(now):
             with self._lock:
@@ -232,7 +236,7 @@ class Worker:
             if self.payment_paused_until is not None:
                 room = min(room, 1) if self._payment_probe is None else 0
             if room > 0:
-                for job in self.store.due(S.QUEUED, now, room, busy, prepared=True):
+                for job in self.store.due(S.QUEUED, now, room, self._busy_now(), prepared=True):
                     if self.payment_paused_until is not None:
                         self._payment_probe = job.id
                         log.info("engine.probe", job_id=job.id, path=job.rel_path, reason="402")
@@ -251,6 +255,10 @@ class Worker:
             self.metrics.api_error(exc.status)
             raise
 
+    def _busy_now(self) -> set[int]:
+        with self._lock:
+            return set(self._busy)
+
     def _dispatch(self, pool: _Pool, fn: Callable[[Job], None], job: Job) -> None:
         with self._lock:
             self._busy.add(job.id)
@@ -260,9 +268,12 @@ class Worker:
         try:
             fn(job)
         except Exception as exc:
-            # A bug or an unexpected error: keep the job where it is and try later.
+            # A bug or an unexpected error: retry the step later, from wherever the job got
+            # to; a job caught mid-upload goes back to the queue, never stays `uploading`.
             log.exception("job.step_error", job_id=job.id, path=job.rel_path, step=fn.__name__)
-            self._retry_later(job, job.state, f"{type(exc).__name__}: {exc}", None)
+            fresh = self.store.get(job.id) or job
+            back = S.QUEUED if fresh.state is S.UPLOADING else None
+            self._retry_later(fresh, fresh.state, f"{type(exc).__name__}: {exc}", None, to=back)
         finally:
             with self._lock:
                 self._busy.discard(job.id)
@@ -424,7 +435,7 @@ class Worker:
             return
         # Store the remote id before anything else can happen: a crash from here on resumes
         # by polling this id, never by uploading again.
-        moved = self.store.transition(
+        moved = self.store.transition_durably(
             job.id,
             S.UPLOADING,
             S.PROCESSING,

@@ -237,6 +237,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # http.server writes headers and body in two sends; with Nagle on, the body waits for
+        # the client's delayed ACK: ~40 ms per reply on loopback. Real servers set NODELAY.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.connections.add(self.connection)
 
     def finish(self) -> None:

@@ -210,3 +210,27 @@ def test_unwritable_output_folder_waits_and_loses_nothing(tmp_path: Path, fake: 
         done(d)
     assert (tmp_path / "out" / "sub" / "a.jpg").read_bytes() == anonymized(data)
     assert len(fake.uploads) == 1
+
+
+def test_an_unexpected_error_mid_upload_requeues_the_job(
+    tmp_path: Path, fake: FakeBlurIt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a step (here: the engine raising a plain RuntimeError once) never leaves a job
+    stuck in `uploading`: it goes back to the queue and completes."""
+    from blurd.engines.blurit import BlurItEngine
+
+    real_submit = BlurItEngine.submit
+    calls = []
+
+    def buggy_submit(self: BlurItEngine, *args: object) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real_submit(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BlurItEngine, "submit", buggy_submit)
+    with Daemon(tmp_path, fake) as d:
+        data = drop(d)
+        done(d)
+    assert (d.outbox / "a.jpg").read_bytes() == anonymized(data)
+    assert len(calls) == 2

@@ -108,3 +108,18 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         conn.execute("INSERT INTO blurd_schema VALUES (99, 0)")
     with pytest.raises(StoreError, match="newer"):
         Store(url)
+
+
+def test_the_remote_id_commit_is_flushed_and_the_connection_restored(
+    tmp_path: Path, store: Store
+) -> None:
+    """transition_durably moves the row like transition(); connections stay in NORMAL mode."""
+    job = store.enqueue("w", "a.jpg", 1, 1)
+    assert job is not None
+    store.transition(job, S.QUEUED, S.UPLOADING)
+    assert store.transition_durably(job, S.UPLOADING, S.PROCESSING, remote_id="r")
+    assert not store.transition_durably(job, S.UPLOADING, S.PROCESSING, remote_id="again")
+    row = store.get(job)
+    assert row is not None and row.remote_id == "r"
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
