@@ -230,8 +230,7 @@ class Worker:
         if api_ok and self._uploads_allowed(now):
             with self._lock:
                 slots = self.max_uploads - self._uploads
-            counts = self.store.counts()
-            in_flight = counts[S.PROCESSING] + counts[S.DOWNLOADING] + self._uploads
+            in_flight = self.store.count_in(S.PROCESSING, S.DOWNLOADING) + self._uploads
             room = min(slots, self.max_in_flight - in_flight)
             if self.payment_paused_until is not None:
                 room = min(room, 1) if self._payment_probe is None else 0
@@ -521,7 +520,9 @@ class Worker:
         t = self.timing
         cap = min(t.poll_max_s, self.engine.max_poll_interval_s or t.poll_max_s)
         interval = min(cap, t.poll_first_s * t.poll_growth ** (n - 1))
-        interval *= 0.8 + 0.4 * self.rng()
+        # Jitter only ever delays a poll: polling a job before its scheduled time finds it
+        # unfinished more often, and the next poll is then a whole (longer) interval away.
+        interval *= 1.0 + 0.25 * self.rng()
         self.store.update(
             job.id, S.PROCESSING, next_attempt_at=self.clock() + interval,
             progress=status.progress, attempts=0,
