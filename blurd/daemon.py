@@ -207,6 +207,10 @@ class Daemon:
                     code = 1
                     break
         finally:
+            log.info(
+                "daemon.stopping",
+                detail="finishing the running steps; a second signal exits at once",
+            )
             self.notifier.stopping()
             self.stop.set()
             self._stop_watcher_thread(join=False)

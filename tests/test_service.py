@@ -212,3 +212,26 @@ def test_no_secret_or_token_in_logs_or_command_output(tmp_path: Path, fake: Fake
     for text in outputs:
         for secret in secrets:
             assert secret not in text
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path, fake: FakeBlurIt) -> None:
+    """SIGTERM waits for the running step (bounded); a second SIGTERM exits at once."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(config_text(tmp_path, fake, ["in"]))
+    log = tmp_path / "log"
+    fake.delay_next("submit", 20.0)  # an upload that will not finish soon
+    proc = blurd("run", "--config", str(cfg), env=env_for(fake), log=log)
+    try:
+        wait_for(lambda: '"daemon.ready"' in log.read_text(), timeout=30, what="ready")
+        (tmp_path / "in" / "a.jpg").write_bytes(b"slow upload")
+        wait_for(lambda: '"job.uploading"' in log.read_text(), timeout=20, what="uploading")
+        proc.send_signal(signal.SIGTERM)
+        # Two signals that arrive before Python runs its handler count as one: wait until the
+        # first was handled before sending the second.
+        wait_for(lambda: '"daemon.stopping"' in log.read_text(), what="the first signal handled")
+        assert proc.poll() is None, "the first signal must wait for the running upload"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
