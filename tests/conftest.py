@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -61,3 +62,17 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# The EgoBlur demo photos and videos (real faces and plates), in ../shared beside the checkout.
+EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
+needs_samples = pytest.mark.skipif(not EGOBLUR.is_dir(), reason=f"{EGOBLUR} is missing")
+
+
+@pytest.fixture(scope="session")
+def detector() -> Any:
+    """The packaged face model, loaded once for the whole run (local extra only)."""
+    pytest.importorskip("onnxruntime")
+    from blurd.engines.local.detect import FaceDetector
+
+    return FaceDetector(threads=2)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 np = pytest.importorskip("numpy")
@@ -13,14 +11,7 @@ pytest.importorskip("onnxruntime")
 
 from blurd.engines.local.detect import PROVIDER, FaceDetector, model_bytes  # noqa: E402
 from blurd.engines.local.testing import gradient_image  # noqa: E402
-
-EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
-needs_samples = pytest.mark.skipif(not EGOBLUR.is_dir(), reason=f"{EGOBLUR} is missing")
-
-
-@pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector(threads=2)
+from tests.conftest import EGOBLUR, needs_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,8 @@ from blurd.errors import (  # noqa: E402
     UnknownJob,
 )
 from blurd.options import Options  # noqa: E402
-from tests.conftest import wait_for  # noqa: E402
+from tests.conftest import EGOBLUR, needs_samples, wait_for  # noqa: E402
 
-EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
-needs_samples = pytest.mark.skipif(not EGOBLUR.is_dir(), reason=f"{EGOBLUR} is missing")
 JOB_TIMEOUT_S = 90.0  # a first job also starts a pool process and loads the model
 
 

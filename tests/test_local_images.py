@@ -19,14 +19,7 @@ from blurd.engines.local.frames import FrameAnonymizer  # noqa: E402
 from blurd.engines.local.images import anonymize_image  # noqa: E402
 from blurd.engines.local.testing import detail, gradient_image  # noqa: E402
 from blurd.options import Options  # noqa: E402
-
-EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
-needs_samples = pytest.mark.skipif(not EGOBLUR.is_dir(), reason=f"{EGOBLUR} is missing")
-
-
-@pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector(threads=2)
+from tests.conftest import EGOBLUR, needs_samples  # noqa: E402
 
 
 def sample(name: str, width: int) -> np.ndarray:

@@ -19,15 +19,10 @@ from blurd.engines.local.schedule import DetectionSchedule, carried, unmatched  
 from blurd.engines.local.testing import detail, face_crop, gradient_image, make_clip  # noqa: E402
 from blurd.engines.local.video import anonymize_video  # noqa: E402
 from blurd.options import Options  # noqa: E402
+from tests.conftest import EGOBLUR, needs_samples  # noqa: E402
 
-EGOBLUR = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "egoblur"
-needs_samples = pytest.mark.skipif(not EGOBLUR.is_dir(), reason=f"{EGOBLUR} is missing")
 GEN1_FACE = (465, 103, 714, 461)  # the face box in gen1-test_image.jpg
 
-
-@pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector(threads=2)
 
 
 def streams(path: Path) -> dict[str, object]:
