@@ -458,7 +458,12 @@ def _cpu_self() -> float:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This program's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    from the parent that forked us, so a child of a large process would report the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def mode_mem_blurd(args: argparse.Namespace) -> int:
