@@ -153,6 +153,10 @@ class Daemon:
         try:
             self.engine = engine or make_engine(self.config, self.metrics)
             log.info("engine.selected", engine=self.engine.name, why=why, once=once)
+            if not self.engine.keeps_jobs_across_restarts:
+                orphans = self.store.requeue_orphans()
+                if orphans:
+                    log.info("daemon.requeued_orphans", jobs=orphans, engine=self.engine.name)
             self._log_limitations()
             if self.stop.is_set():  # a signal during start-up
                 return 0

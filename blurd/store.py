@@ -223,6 +223,27 @@ class Store:
             "resumed_downloads": counts[JobState.DOWNLOADING],
         }
 
+    def requeue_orphans(self) -> int:
+        """At start-up with an engine that forgets its jobs on a restart: jobs it held go back
+        to the queue as if never sent (their requeue budget is for jobs an API lost).
+
+        One node per database for now: once several daemons share a queue, this must touch
+        only the jobs this node held.
+        """
+        stmt = (
+            update(jobs)
+            .where(jobs.c.state.in_([JobState.PROCESSING.value, JobState.DOWNLOADING.value]))
+            .values(
+                state=JobState.QUEUED.value,
+                remote_id=None,
+                next_attempt_at=0.0,
+                progress=None,
+                updated_at=self.clock(),
+            )
+        )
+        with self._tx() as conn:
+            return int(conn.execute(stmt).rowcount)
+
     def retry(self, ids: Sequence[int] | None = None) -> int:
         """Put failed jobs (these ids, or all of them) back in the queue."""
         stmt = update(jobs).where(jobs.c.state == JobState.FAILED.value)

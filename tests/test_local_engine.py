@@ -165,3 +165,35 @@ def test_progress_and_cancel_travel_through_the_job_folder(tmp_path: Path) -> No
     (tmp_path / "cancel").touch()
     reporter._next_check = 0.0
     assert reporter.stopped()
+
+
+def test_jobs_held_by_the_local_engine_before_a_restart_are_redone(tmp_path: Path) -> None:
+    """After a restart the local engine knows none of its jobs: the daemon queues them again at
+    start-up, without using up their requeue budget, and they come out."""
+    from blurd import config, daemon
+    from blurd.models import JobState
+    from blurd.store import Store
+
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    photo = inbox / "a.png"
+    cv2.imwrite(str(photo), gradient_image(64, 48))
+    db = f"sqlite:///{tmp_path}/blurd.db"
+    store = Store(db)
+    st = photo.stat()
+    job = store.enqueue(str(inbox), "a.png", st.st_size, st.st_mtime_ns)
+    assert job is not None
+    store.transition(job, JobState.QUEUED, JobState.UPLOADING)
+    store.transition(job, JobState.UPLOADING, JobState.PROCESSING, remote_id="local-gone")
+    store.close()
+    raw = {"daemon": {"database": db, "engine": "local"},
+           "watch": [{"path": str(inbox), "output": str(outbox), "settle_seconds": 0.1,
+                      "plates": False}]}  # fmt: skip
+    cfg = config.parse(raw, {})
+    # Signals() not installed: the test must not take over pytest's own signal handlers.
+    assert daemon.run(cfg, once=True, signals=daemon.Signals()) == 0
+    store = Store(db)
+    row = store.get(job)
+    store.close()
+    assert row is not None and row.state is JobState.DONE and row.requeues == 0
+    assert (outbox / "a.png").is_file()

@@ -123,3 +123,26 @@ def test_the_remote_id_commit_is_flushed_and_the_connection_restored(
     assert row is not None and row.remote_id == "r"
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_orphans_of_a_forgetful_engine_go_back_to_the_queue_unpenalised(store: Store) -> None:
+    """requeue_orphans: processing and downloading jobs return to queued without a remote id
+    and without using their requeue budget; other states stay as they are."""
+    ids = {}
+    for name, path in (("proc", [S.UPLOADING, S.PROCESSING]),
+                       ("down", [S.UPLOADING, S.PROCESSING, S.DOWNLOADING]),
+                       ("done", [S.UPLOADING, S.PROCESSING, S.DOWNLOADING, S.DONE])):  # fmt: skip
+        job = store.enqueue("w", f"{name}.jpg", 1, 1)
+        assert job is not None
+        old = S.QUEUED
+        for new in path:
+            store.transition(job, old, new, remote_id="local-x")
+            old = new
+        ids[name] = job
+    assert store.requeue_orphans() == 2
+    for name in ("proc", "down"):
+        row = store.get(ids[name])
+        assert row is not None and row.state is S.QUEUED
+        assert row.remote_id is None and row.requeues == 0
+    done = store.get(ids["done"])
+    assert done is not None and done.state is S.DONE

@@ -54,6 +54,9 @@ class Engine(ABC):
     #: the longest wait between two polls of one job; None leaves it to the worker's timing
     #: (an engine on this machine is cheap to ask and finishes jobs sooner than a remote one)
     max_poll_interval_s: float | None = None
+    #: whether a job submitted before a restart can still be polled and fetched after it
+    #: (BlurIt's jobs live on the server; the local engine's die with the process)
+    keeps_jobs_across_restarts: bool = True
 
     @abstractmethod
     def submit(self, path: Path, options: Options) -> str: ...

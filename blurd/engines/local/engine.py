@@ -86,6 +86,7 @@ class LocalEngine(Engine):
     name = "local"
     supported_extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     max_poll_interval_s = 2.0
+    keeps_jobs_across_restarts = False
 
     def __init__(
         self, *, workers: int | None = None, plate_model: str = "", work_dir: Path | None = None
