@@ -146,6 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("blurd run: --detach needs --pidfile FILE", file=sys.stderr)
         return EXIT_CONFIG
     cfg = _config(args)
+    if args.inbox:
+        # Folders named on the command line are created; configured watch folders are not
+        # (a missing one may be an unmounted share, which blurd waits for).
+        Path(args.inbox).mkdir(parents=True, exist_ok=True)
 
     def reload_config() -> config_mod.Config:
         return _config(args)

@@ -235,3 +235,20 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, fake: FakeBlurIt) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_run_with_inbox_and_outbox_creates_the_inbox(tmp_path: Path, fake: FakeBlurIt) -> None:
+    """`blurd run --inbox D --outbox D --once` on a fresh machine: no config file, the inbox is
+    created, the database goes to the XDG state folder, and it exits 0."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "anonymized"
+    env = env_for(fake, XDG_STATE_HOME=str(tmp_path / "state"))
+    del env["BLURIT_CLIENT_ID"], env["BLURIT_SECRET_ID"]  # no account: the local engine
+    done = subprocess.run(
+        [sys.executable, "-m", "blurd", "run", "--inbox", str(inbox), "--outbox", str(outbox),
+         "--once"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert inbox.is_dir()
+    assert (tmp_path / "state" / "blurd" / "blurd.db").is_file()
+    assert '"engine": "local"' in done.stdout
