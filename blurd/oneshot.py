@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from blurd import defaults, writer
+from blurd import writer
 from blurd.engines.base import Engine, Phase, RemoteStatus
 from blurd.errors import BlurdError, TransientApiError, UnknownJob
 from blurd.options import Options
-from blurd.worker import Timing, backoff
+from blurd.worker import Timing, backoff, rejection
 
 MAX_TRANSIENT_RETRIES = 8
 
@@ -89,14 +89,9 @@ def _one(
     timing: Timing,
     sleep: Callable[[float], None],
 ) -> Outcome:
-    if source.is_symlink() or not source.is_file():
-        return Outcome(source, error="is not a regular file")
-    if source.stat().st_size == 0:
-        return Outcome(source, error="is empty")
-    if source.suffix.lower() not in engine.supported_extensions:
-        return Outcome(source, error=f"has an unsupported extension {source.suffix or '(none)'}")
-    if source.stat().st_size > defaults.MAX_INPUT_BYTES:
-        return Outcome(source, error="is larger than the 8 GiB upload limit")
+    reason = rejection(source, engine.supported_extensions)
+    if reason is not None:
+        return Outcome(source, error=reason)
     progress.step(source, "uploading")
     remote_id: str = _retrying(lambda: engine.submit(source, options), timing, sleep)
     progress.step(source, "processing")

@@ -119,6 +119,36 @@ class _HashingWriter:
         self.out.flush()
 
 
+def rejection(
+    path: Path, supported: frozenset[str], version: tuple[int, int] | None = None
+) -> str | None:
+    """Why ``path`` must not be sent to an engine, in one sentence; None when it may be.
+
+    ``version`` is the (size, mtime_ns) the file had when it was queued, if it was.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "the file disappeared before it could be uploaded"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link; blurd never follows links"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if version is not None and (st.st_size, st.st_mtime_ns) != version:
+        return "changed after it was queued; its new version is queued on its own"
+    if st.st_size == 0:
+        return "is empty"
+    ext = path.suffix.lower()
+    if ext not in supported:
+        allowed = " ".join(sorted(supported))
+        return f"has an unsupported extension {ext or '(none)'} (supported: {allowed})"
+    if st.st_size > defaults.MAX_INPUT_BYTES:
+        return f"is larger than the {defaults.MAX_INPUT_BYTES // 1024**3} GiB upload limit"
+    if not os.access(path, os.R_OK):
+        return "cannot be read: permission denied"
+    return None
+
+
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -358,27 +388,7 @@ class Worker:
         self.wake_event.set()
 
     def _rejection(self, job: Job, path: Path) -> str | None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return "the file disappeared before it could be uploaded"
-        if stat.S_ISLNK(st.st_mode):
-            return "is a symbolic link; blurd never follows links"
-        if not stat.S_ISREG(st.st_mode):
-            return "is not a regular file"
-        if (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
-            return "changed after it was queued; its new version is queued on its own"
-        if st.st_size == 0:
-            return "is empty"
-        ext = path.suffix.lower()
-        if ext not in self.engine.supported_extensions:
-            allowed = " ".join(sorted(self.engine.supported_extensions))
-            return f"has an unsupported extension {ext or '(none)'} (supported: {allowed})"
-        if st.st_size > defaults.MAX_INPUT_BYTES:
-            return f"is larger than the {defaults.MAX_INPUT_BYTES // 1024**3} GiB upload limit"
-        if not os.access(path, os.R_OK):
-            return "cannot be read: permission denied"
-        return None
+        return rejection(path, self.engine.supported_extensions, (job.size, job.mtime_ns))
 
     def _reuse(
         self, job: Job, watch: WatchConfig, path: Path, earlier: Job, sha: str, fingerprint: str
