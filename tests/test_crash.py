@@ -16,7 +16,7 @@ from blurd.models import JobState
 from tests.conftest import wait_for
 from tests.fakeblurit import FakeBlurIt
 from tests.harness import anonymized
-from tests.test_restart import counts, start_blurd, write_config
+from tests.test_restart import counts, run_until_done, start_blurd, write_config
 
 S = JobState
 
@@ -51,14 +51,7 @@ def test_three_kill_9s_during_a_40_file_run(tmp_path: Path, fake: FakeBlurIt) ->
             if proc.poll() is None:
                 proc.kill()
     assert counts(tmp_path)[S.DONE] < 40, "the run ended before the crashes: it proves nothing"
-    proc = start_blurd(tmp_path, fake)
-    try:
-        wait_for(lambda: counts(tmp_path)[S.DONE] == 40, timeout=90, what="all 40 done")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_until_done(tmp_path, fake, 40, timeout=90)
     final = counts(tmp_path)
     assert final[S.UPLOADING] == final[S.DOWNLOADING] == final[S.FAILED] == 0
     repeats = 0

@@ -47,6 +47,19 @@ def write_config(tmp_path: Path, fake: FakeBlurIt, max_in_flight: int = 32) -> N
     )
 
 
+def run_until_done(tmp_path: Path, fake: FakeBlurIt, n: int, timeout: float) -> None:
+    """Start `blurd run`, wait for ``n`` jobs done, stop it with SIGTERM: it must exit 0."""
+    proc = start_blurd(tmp_path, fake)
+    try:
+        wait_for(lambda: counts(tmp_path)[JobState.DONE] == n, timeout=timeout,
+                 what=f"{n} jobs done")  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def counts(tmp_path: Path) -> dict[JobState, int]:
     store = Store(f"sqlite:///{tmp_path}/blurd.db")
     try:
@@ -77,14 +90,7 @@ def test_sigterm_during_processing_then_restart_uploads_nothing_twice(
     assert first[JobState.DONE] < 10, "the run finished before the signal: test proves nothing"
     assert first[JobState.PROCESSING] >= 1, "no job was at the API when the signal came"
     assert first[JobState.UPLOADING] == 0, "a clean stop leaves no upload half-done"
-    proc = start_blurd(tmp_path, fake)
-    try:
-        wait_for(lambda: counts(tmp_path)[JobState.DONE] == 10, timeout=60, what="all done")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_until_done(tmp_path, fake, 10, timeout=60)
     for name, data in files.items():
         sha = hashlib.sha256(data).hexdigest()
         assert fake.upload_count(sha) == 1, name
