@@ -19,7 +19,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import numpy.typing as npt
 
 from blurd.engines.local.arrays import Image
 from blurd.options import Area, Options
@@ -116,9 +115,8 @@ def _hide(
     elif options.style == "pixelate":
         roi[:] = _pixelated(roi, pixels)
     else:
-        inside = _ellipse_mask(region, x1, y1, x2, y2)
-        where = inside if roi.ndim == 2 else inside[:, :, np.newaxis]
-        np.copyto(roi, _blurred(roi, region), where=where)
+        # cv2.copyTo writes through the view, about twice as fast as np.copyto(where=...)
+        cv2.copyTo(_blurred(roi, region), _ellipse_mask(region, x1, y1, x2, y2), roi)
 
 
 def _fill_value(color: str, dtype: np.dtype[Any]) -> Image:
@@ -149,8 +147,11 @@ def _pixelated(roi: Image, block_px: int) -> Image:
     return big[:h, :w]
 
 
-def _ellipse_mask(region: Region, x1: int, y1: int, x2: int, y2: int) -> npt.NDArray[np.bool_]:
-    """The ellipse inscribed in the whole region, cut to the visible part [x1:x2, y1:y2]."""
+def _ellipse_mask(region: Region, x1: int, y1: int, x2: int, y2: int) -> Image:
+    """The ellipse inscribed in the whole region, cut to the visible part [x1:x2, y1:y2].
+
+    An 8-bit mask: 1 inside, 0 outside.
+    """
     mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
     sub = 1 << _ELLIPSE_SHIFT  # cv2.ellipse takes fixed-point coordinates
     centre = (
@@ -159,8 +160,7 @@ def _ellipse_mask(region: Region, x1: int, y1: int, x2: int, y2: int) -> npt.NDA
     )
     axes = (round(region.width / 2 * sub), round(region.height / 2 * sub))
     cv2.ellipse(mask, centre, axes, 0, 0, 360, 1, thickness=-1, shift=_ELLIPSE_SHIFT)
-    inside: npt.NDArray[np.bool_] = mask.astype(bool)
-    return inside
+    return mask
 
 
 _ELLIPSE_SHIFT = 4
