@@ -33,6 +33,8 @@ class DaemonConfig:
     max_in_flight: int = defaults.MAX_IN_FLIGHT
     metrics: str = ""  # "HOST:PORT" serves Prometheus text; "" is off
     log_file: str = ""  # with `run --detach`; "" = blurd.log beside the default database
+    node_id: str = ""  # this daemon's name among those sharing a database; "" = the host name
+    lease_seconds: float = defaults.LEASE_S
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,11 @@ def database_url(value: str) -> str:
 
 def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonConfig:
     r.no_unknown(
-        t, "daemon", {"engine", "database", "max_uploads", "max_in_flight", "metrics", "log_file"}
-    )
+        t,
+        "daemon",
+        {"engine", "database", "max_uploads", "max_in_flight", "metrics", "log_file", "node_id",
+         "lease_seconds"},
+    )  # fmt: skip
     engine = r.get(t, "daemon", "engine", str, None)
     if engine is not None and engine not in ENGINES:
         raise r.error("daemon.engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
@@ -231,7 +236,15 @@ def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonC
         except ConfigError as exc:
             raise r.error("daemon.metrics", str(exc).split(": ", 1)[-1]) from None
     log_file = r.get(t, "daemon", "log_file", str, "")
-    return DaemonConfig(engine, url, max_uploads, max_in_flight, metrics, log_file)
+    node_id = r.get(t, "daemon", "node_id", str, "")
+    if len(node_id) > 200 or any(c.isspace() or not c.isprintable() for c in node_id):
+        raise r.error("daemon.node_id", "must be at most 200 printable characters, no spaces")
+    lease = r.get(t, "daemon", "lease_seconds", float, defaults.LEASE_S)
+    if not 1.0 <= lease <= 86400.0:
+        raise r.error("daemon.lease_seconds", f"must be between 1 and 86400, not {lease}")
+    return DaemonConfig(
+        engine, url, max_uploads, max_in_flight, metrics, log_file, node_id, lease
+    )
 
 
 def _local(r: _Reader, t: Mapping[str, Any]) -> LocalConfig:

@@ -54,6 +54,18 @@ def make_engine(config: Config, metrics: Metrics | None = None) -> Engine:
     return engine
 
 
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Signals:
     """SIGTERM/SIGINT set ``stop`` (a second one exits at once); SIGHUP sets ``reload``.
 
@@ -108,7 +120,11 @@ def run(
         signals.stop = stop
     for warning in config.warnings:
         log.warning("config.warning", detail=warning)
-    store = Store(config.daemon.database)
+    d_cfg = config.daemon
+    store = Store(d_cfg.database, node=d_cfg.node_id, lease_s=d_cfg.lease_seconds)
+    if store.schema_change is not None:
+        before, after = store.schema_change
+        log.info("database.upgraded", schema_from=before, schema_to=after)
     try:
         d = Daemon(config, store, signals, notifier or Notifier.from_env(), timing, rescan_s)
         return d.run(once=once, engine=engine, reload_config=reload_config)
@@ -133,7 +149,7 @@ class Daemon:
         self.notifier = notifier
         self.timing = timing
         self.rescan_s = rescan_s
-        self.node = f"{socket.gethostname()}:{os.getpid()}"
+        self.node = store.node
         self.metrics = Metrics(store)
         self.engine: Engine | None = None
         self.worker: Worker | None = None
@@ -145,18 +161,17 @@ class Daemon:
     def run(
         self, *, once: bool, engine: Engine | None, reload_config: Callable[[], Config] | None
     ) -> int:
-        recovered = self.store.recover()
-        log.info("daemon.recovered", **recovered)
+        self._refuse_duplicate_node()
         self._clean_temp_files()
         _name, why = self.config.engine_choice()
         server = self.metrics.serve(self.config.daemon.metrics)
         try:
             self.engine = engine or make_engine(self.config, self.metrics)
             log.info("engine.selected", engine=self.engine.name, why=why, once=once)
-            if not self.engine.keeps_jobs_across_restarts:
-                orphans = self.store.requeue_orphans()
-                if orphans:
-                    log.info("daemon.requeued_orphans", jobs=orphans, engine=self.engine.name)
+            recovered = self.store.recover(
+                keeps_remote_jobs=self.engine.keeps_jobs_across_restarts
+            )
+            log.info("daemon.recovered", node=self.node, **recovered)
             self._log_limitations()
             if self.stop.is_set():  # a signal during start-up
                 return 0
@@ -227,11 +242,28 @@ class Daemon:
 
     # ------------------------------------------------------------------ pieces
 
+    def _refuse_duplicate_node(self) -> None:
+        """Two live daemons with one node id would each take the other's jobs for their own."""
+        other = self.store.daemon_states(defaults.NODE_STATE_FRESH_S).get(self.node)
+        if other is None:
+            return
+        host, pid = other.get("host"), other.get("pid")
+        if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+            return  # left by this process or by one that died (kill -9): not a running daemon
+        raise ConfigError(
+            f"another daemon already runs as node {self.node!r} on this database (pid {pid} "
+            f"on {host}); give each daemon sharing a database its own [daemon] node_id",
+            key="daemon.node_id",
+        )
+
     def _clean_temp_files(self) -> None:
+        # With a shared database, another node may be writing into the same output folders:
+        # only temp files older than a lease are certainly left by a crash.
+        min_age = 0.0 if self.store.is_sqlite else self.store.lease_s
         for w in self.config.watches:
             for folder in (w.output, w.archive):
                 if folder is not None:
-                    removed = writer.clean_temp_files(folder)
+                    removed = writer.clean_temp_files(folder, min_age_s=min_age)
                     if removed:
                         log.info("daemon.temp_removed", folder=str(folder), files=removed)
 
@@ -296,7 +328,9 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return
         old = self.config
-        for key in ("engine", "database", "max_uploads", "max_in_flight", "metrics"):
+        restart_keys = ("engine", "database", "max_uploads", "max_in_flight", "metrics",
+                        "node_id", "lease_seconds")  # fmt: skip
+        for key in restart_keys:
             if getattr(new.daemon, key) != getattr(old.daemon, key):
                 log.warning("config.needs_restart", key=f"daemon.{key}")
         if new.engine_choice()[0] != old.engine_choice()[0] or new.blurit != old.blurit:
@@ -329,6 +363,7 @@ class Daemon:
         name, why = self.config.engine_choice()
         return {
             "pid": os.getpid(),
+            "host": socket.gethostname(),
             "engine": self.engine.name,
             "engine_reason": why if name == self.engine.name else "given by the caller",
             "engine_state": self.engine.describe(),

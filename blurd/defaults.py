@@ -9,6 +9,8 @@ MAX_UPLOADS = 2
 MAX_IN_FLIGHT = 32
 RESCAN_INTERVAL_S = 300.0
 LOOP_TICK_S = 0.5
+LEASE_S = 120.0  # a node holds its jobs this long without renewing; renewed every quarter
+NODE_STATE_FRESH_S = 15.0  # a daemon_state row younger than this is a running daemon
 TICK_BATCH_S = 0.02  # after a wake-up, the worker's scheduler waits this long for more
 
 # watch

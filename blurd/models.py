@@ -18,7 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest migration in blurd.migrations
 
 
 class JobState(enum.StrEnum):
@@ -84,9 +84,15 @@ jobs = Table(
     Column("bytes_up", BigInteger, nullable=False, default=0),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # Which daemon holds the job, and until when (DESIGN.md: scale-out). A queued job belongs
+    # to nobody unless a node has claimed it for a step; a job at the engine belongs to the node
+    # that uploaded it for as long as that node renews the lease.
+    Column("node", String(255)),
+    Column("lease_until", Float),
     UniqueConstraint("watch", "rel_path", "size", "mtime_ns", name="uq_jobs_version"),
     Index("ix_jobs_state_due", "state", "next_attempt_at"),
     Index("ix_jobs_content", "sha256", "fingerprint", "state"),
+    Index("ix_jobs_node", "node", "state"),
 )
 
 daemon_state = Table(
@@ -131,6 +137,8 @@ class Job:
     bytes_up: int
     created_at: float
     updated_at: float
+    node: str | None = None
+    lease_until: float | None = None
 
     @classmethod
     def from_row(cls, row: object) -> Job:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,12 +24,15 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
+from blurd import defaults, migrations
 from blurd.errors import InvalidTransition, StoreError
 from blurd.models import (
     ACTIVE_STATES,
@@ -39,8 +43,6 @@ from blurd.models import (
     allowed,
     daemon_state,
     jobs,
-    metadata,
-    schema_info,
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -48,11 +50,29 @@ SQLITE_CACHE_KIB = 512  # per connection
 
 
 class Store:
-    """All access to the jobs table goes through here."""
+    """All access to the jobs table goes through here.
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+    ``node`` names this daemon among those sharing the database: the jobs it claims carry it,
+    with a lease of ``lease_s`` seconds that :meth:`renew_leases` extends.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        node: str = "",
+        lease_s: float = defaults.LEASE_S,
+        upgrade: bool | None = None,
+    ) -> None:
+        """Open the database; ``upgrade``: True applies pending migrations, False refuses an
+        older schema, None (the default) upgrades a SQLite file or a new database only: a
+        shared database is upgraded on purpose, with `blurd db upgrade`."""
         self.url = url
         self.clock = clock
+        self.node = node or socket.gethostname()
+        self.lease_s = lease_s
+        self.schema_change: tuple[int | None, int] | None = None  # (from, to) when upgraded
         self._sqlite_path = _prepare_sqlite_file(url)
         # A pre-ping (one more statement per connection checkout) guards against a server that
         # dropped the connection; a SQLite file has no server.
@@ -62,7 +82,7 @@ class Store:
         if self._sqlite_path is not None:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            self._create_schema()
+            self._open_schema(upgrade)
         except (DatabaseError, OperationalError) as exc:
             self.engine.dispose()
             if "locked" in str(exc) or "busy" in str(exc):
@@ -74,39 +94,57 @@ class Store:
                 f"{self._describe()}: the database cannot be opened ({_short(exc)}); "
                 "blurd does not reset it: move the file aside to start with an empty queue"
             ) from exc
+        except StoreError:
+            self.engine.dispose()
+            raise
 
     def _describe(self) -> str:
         if self._sqlite_path is not None:
             return str(self._sqlite_path)
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def _create_schema(self) -> None:
+    @property
+    def is_sqlite(self) -> bool:
+        return self._sqlite_path is not None or self.engine.dialect.name == "sqlite"
+
+    def _open_schema(self, upgrade: bool | None) -> None:
+        with self.engine.begin() as conn:
+            version = migrations.current_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self._describe()}: the database has schema version {version}, newer than "
+                f"this blurd understands ({SCHEMA_VERSION}); upgrade blurd"
+            )
+        if version != SCHEMA_VERSION:
+            if upgrade is False or (upgrade is None and version is not None and not self.is_sqlite):
+                raise StoreError(
+                    f"{self._describe()}: the database has schema version {version}, older "
+                    f"than this blurd needs ({SCHEMA_VERSION}); run `blurd db upgrade` once, "
+                    "from one node"
+                )
+            self.schema_change = self._upgrade()
+        if self.is_sqlite:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("PRAGMA quick_check(1)")
+
+    def _upgrade(self) -> tuple[int | None, int]:
         for attempt in range(5):
             try:
-                metadata.create_all(self.engine)
-                break
-            except OperationalError as exc:
-                # Another process created the tables between our check and our CREATE.
-                if "already exists" not in str(exc) or attempt == 4:
-                    raise
-        with self.engine.begin() as conn:
-            version = conn.execute(select(func.max(schema_info.c.version))).scalar()
-        if version is None:
-            try:
                 with self.engine.begin() as conn:
-                    conn.execute(
-                        insert(schema_info).values(version=SCHEMA_VERSION, applied_at=self.clock())
-                    )
-            except IntegrityError:
-                pass  # another process recorded it first
-        with self.engine.begin() as conn:
-            if version is not None and version > SCHEMA_VERSION:
+                    return migrations.upgrade(conn, self.clock())
+            except migrations.SchemaTooNew as exc:
                 raise StoreError(
-                    f"{self._describe()}: the database has schema version {version}, newer than "
-                    f"this blurd understands ({SCHEMA_VERSION}); upgrade blurd"
-                )
-            if self._sqlite_path is not None:
-                conn.exec_driver_sql("PRAGMA quick_check(1)")
+                    f"{self._describe()}: the database has schema version {exc.version}, newer "
+                    f"than this blurd understands ({SCHEMA_VERSION}); upgrade blurd"
+                ) from exc
+            except (OperationalError, IntegrityError) as exc:
+                # SQLite: another process created or upgraded the tables between our look
+                # and our change; look again.
+                text = str(exc).lower()
+                racing = ("already exists", "duplicate", "unique")
+                if not any(word in text for word in racing) or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -146,10 +184,11 @@ class Store:
             return None
 
     def transition(self, job_id: int, old: JobState, new: JobState, /, **fields: Any) -> bool:
-        """Move a job from ``old`` to ``new``; False if it was no longer in ``old``."""
+        """Move a job from ``old`` to ``new``; False if it was no longer in ``old`` (or another
+        node holds it now). A job that goes back to the queue belongs to nobody."""
         if not allowed(old, new):
             raise InvalidTransition(f"job {job_id}: {old} -> {new} is not an allowed transition")
-        return self._conditional(job_id, old, {"state": new.value, **fields})
+        return self._conditional(job_id, old, _moving(new, fields))
 
     def transition_durably(
         self, job_id: int, old: JobState, new: JobState, /, **fields: Any
@@ -163,11 +202,11 @@ class Store:
         if not allowed(old, new):
             raise InvalidTransition(f"job {job_id}: {old} -> {new} is not an allowed transition")
         if self._sqlite_path is None:
-            return self._conditional(job_id, old, {"state": new.value, **fields})
+            return self._conditional(job_id, old, _moving(new, fields))
         stmt = (
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == old.value)
-            .values(state=new.value, **fields, updated_at=self.clock())
+            .where(jobs.c.id == job_id, jobs.c.state == old.value, self._mine_or_free())
+            .values(**_moving(new, fields), updated_at=self.clock())
         )
         try:
             with self.engine.connect() as conn:
@@ -193,56 +232,150 @@ class Store:
     def _conditional(self, job_id: int, expected: JobState, fields: dict[str, Any]) -> bool:
         stmt = (
             update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state == expected.value)
+            .where(jobs.c.id == job_id, jobs.c.state == expected.value, self._mine_or_free())
             .values(**fields, updated_at=self.clock())
         )
         with self._tx() as conn:
             return conn.execute(stmt).rowcount == 1
 
-    def recover(self) -> dict[str, int]:
-        """At start-up: interrupted uploads go back to the queue; the rest resume as they are.
+    def _mine_or_free(self) -> ColumnElement[bool]:
+        # A node whose lease ran out (a long pause, a lost database) must not move a job that
+        # another node has taken over since.
+        return or_(jobs.c.node.is_(None), jobs.c.node == self.node)
 
-        ``processing`` jobs are polled again by their stored remote id and ``downloading`` jobs
-        download again, so nothing is uploaded twice.
+    # ------------------------------------------------------------------ nodes and leases
+
+    def claim(self, now: float, limit: int, *, prepared: bool) -> list[Job]:
+        """Hold up to ``limit`` due queued jobs that nobody holds (or whose holder's lease
+        ran out) for a step of this node; oldest first.
+
+        One statement: ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``;
+        on PostgreSQL concurrent claimers skip each other's rows instead of waiting, on SQLite
+        the write lock serializes them. ``prepared``: jobs whose content was hashed, or not.
         """
-        with self._tx() as conn:
-            requeued = conn.execute(
-                update(jobs)
-                .where(jobs.c.state == JobState.UPLOADING.value)
-                .values(state=JobState.QUEUED.value, next_attempt_at=0.0, updated_at=self.clock())
-            ).rowcount
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.state.in_([JobState.PROCESSING.value, JobState.DOWNLOADING.value]))
-                .values(next_attempt_at=0.0)
+        if limit <= 0:
+            return []
+        has_hash = jobs.c.sha256.is_not(None)
+        free = or_(jobs.c.node.is_(None), jobs.c.lease_until < now)
+        candidates = (
+            select(jobs.c.id)
+            .where(
+                jobs.c.state == JobState.QUEUED.value,
+                jobs.c.next_attempt_at <= now,
+                has_hash if prepared else jobs.c.sha256.is_(None),
+                free,
             )
-        counts = self.counts()
-        return {
-            "requeued_uploads": requeued,
-            "resumed_processing": counts[JobState.PROCESSING],
-            "resumed_downloads": counts[JobState.DOWNLOADING],
-        }
-
-    def requeue_orphans(self) -> int:
-        """At start-up with an engine that forgets its jobs on a restart: jobs it held go back
-        to the queue as if never sent (their requeue budget is for jobs an API lost).
-
-        One node per database for now: once several daemons share a queue, this must touch
-        only the jobs this node held.
-        """
+            .order_by(jobs.c.next_attempt_at, jobs.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
         stmt = (
             update(jobs)
-            .where(jobs.c.state.in_([JobState.PROCESSING.value, JobState.DOWNLOADING.value]))
-            .values(
-                state=JobState.QUEUED.value,
-                remote_id=None,
-                next_attempt_at=0.0,
-                progress=None,
-                updated_at=self.clock(),
+            .where(jobs.c.id.in_(candidates.scalar_subquery()), free)
+            .values(node=self.node, lease_until=now + self.lease_s)
+            .returning(*jobs.c)
+        )
+        with self._tx() as conn:
+            rows = [Job.from_row(r) for r in conn.execute(stmt)]
+        rows.sort(key=lambda j: (j.next_attempt_at, j.id))
+        return rows
+
+    def release(self, job_id: int) -> bool:
+        """Let go of a queued job this node held for a step that left it queued."""
+        stmt = (
+            update(jobs)
+            .where(
+                jobs.c.id == job_id,
+                jobs.c.state == JobState.QUEUED.value,
+                jobs.c.node == self.node,
             )
+            .values(node=None, lease_until=None)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def release_all(self) -> int:
+        """At shutdown: queued jobs this node held go back to everyone."""
+        stmt = (
+            update(jobs)
+            .where(jobs.c.state == JobState.QUEUED.value, jobs.c.node == self.node)
+            .values(node=None, lease_until=None)
         )
         with self._tx() as conn:
             return int(conn.execute(stmt).rowcount)
+
+    def renew_leases(self, now: float) -> int:
+        """Extend the lease of every active job this node holds; returns how many it holds."""
+        stmt = (
+            update(jobs)
+            .where(jobs.c.node == self.node, jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+            .values(lease_until=now + self.lease_s)
+        )
+        with self._tx() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def take_over(self, now: float, *, keeps_remote_jobs: bool) -> dict[str, int]:
+        """Adopt the active jobs of nodes whose lease ran out, resuming each from its state.
+
+        A job at the engine is polled (or downloaded) again by its remote id, never uploaded
+        again; with an engine whose jobs live only in the node that ran them
+        (``keeps_remote_jobs`` False) it goes back to the queue instead. An interrupted upload
+        goes back to the queue: the dead node may or may not have sent it. Queued jobs need no
+        adoption: a lapsed hold is claimable as it is.
+        """
+        lapsed = (jobs.c.node.is_not(None), jobs.c.node != self.node, jobs.c.lease_until < now)
+        return self._adopt(lapsed, now, keeps_remote_jobs)
+
+    def recover(self, *, keeps_remote_jobs: bool = True) -> dict[str, int]:
+        """At start-up: this node's jobs (and those held by no node) resume from their state.
+
+        Interrupted uploads go back to the queue; ``processing`` jobs are polled again by their
+        stored remote id and ``downloading`` jobs download again, so nothing is uploaded twice.
+        With an engine that forgets its jobs on a restart they go back to the queue as if never
+        sent (their requeue budget is for jobs an API lost).
+        """
+        now = self.clock()
+        mine = (or_(jobs.c.node == self.node, jobs.c.node.is_(None)),)
+        counts = self._adopt(mine, now, keeps_remote_jobs)
+        with self._tx() as conn:
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.node == self.node)
+                .values(node=None, lease_until=None)
+            )
+        return counts
+
+    def _adopt(
+        self, which: tuple[ColumnElement[bool], ...], now: float, keeps_remote_jobs: bool
+    ) -> dict[str, int]:
+        at_engine = [JobState.PROCESSING.value, JobState.DOWNLOADING.value]
+        requeue: dict[str, Any] = dict(state=JobState.QUEUED.value, node=None, lease_until=None,
+                                       next_attempt_at=0.0, updated_at=now)  # fmt: skip
+        with self._tx() as conn:
+            uploads = conn.execute(
+                update(jobs).where(jobs.c.state == JobState.UPLOADING.value, *which).values(requeue)
+            ).rowcount
+            if keeps_remote_jobs:
+                resumed = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.state.in_(at_engine), *which)
+                    .values(node=self.node, lease_until=now + self.lease_s, next_attempt_at=0.0)
+                    .returning(jobs.c.state)
+                ).all()
+                orphans = 0
+            else:
+                resumed = []
+                orphans = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.state.in_(at_engine), *which)
+                    .values(**requeue, remote_id=None, progress=None)
+                ).rowcount
+        return {
+            "requeued_uploads": int(uploads),
+            "resumed_processing": sum(r.state == JobState.PROCESSING.value for r in resumed),
+            "resumed_downloads": sum(r.state == JobState.DOWNLOADING.value for r in resumed),
+            "requeued_orphans": int(orphans),
+        }
 
     def retry(self, ids: Sequence[int] | None = None) -> int:
         """Put failed jobs (these ids, or all of them) back in the queue."""
@@ -251,6 +384,8 @@ class Store:
             stmt = stmt.where(jobs.c.id.in_(list(ids)))
         stmt = stmt.values(
             state=JobState.QUEUED.value,
+            node=None,
+            lease_until=None,
             attempts=0,
             requeues=0,
             error=None,
@@ -276,13 +411,17 @@ class Store:
         *,
         prepared: bool | None = None,
     ) -> list[Job]:
-        """Jobs in ``state`` whose next attempt is due, oldest first.
+        """Jobs in ``state`` held by this node whose next attempt is due, oldest first.
 
         ``prepared`` narrows to jobs whose content was hashed (True) or not yet (False).
         """
         stmt = (
             select(jobs)
-            .where(jobs.c.state == state.value, jobs.c.next_attempt_at <= now)
+            .where(
+                jobs.c.state == state.value,
+                jobs.c.next_attempt_at <= now,
+                jobs.c.node == self.node,
+            )
             .order_by(jobs.c.next_attempt_at, jobs.c.id)
             .limit(limit)
         )
@@ -297,10 +436,18 @@ class Store:
             rows = [r for r in conn.execute(stmt) if r.id not in excluded]
         return [Job.from_row(r) for r in rows[:limit]]
 
-    def next_due_at(self) -> float | None:
-        """When the earliest active job is due, or None when nothing is active."""
+    def next_due_at(self, now: float) -> float | None:
+        """When the earliest job this node could act on is due; None when there is none.
+
+        That is a job at the engine that this node holds, or a queued job nobody holds.
+        """
+        at_engine = [JobState.PROCESSING.value, JobState.DOWNLOADING.value]
         stmt = select(func.min(jobs.c.next_attempt_at)).where(
-            jobs.c.state.in_([s.value for s in ACTIVE_STATES])
+            or_(
+                (jobs.c.state.in_(at_engine)) & (jobs.c.node == self.node),
+                (jobs.c.state == JobState.QUEUED.value)
+                & or_(jobs.c.node.is_(None), jobs.c.lease_until < now),
+            )
         )
         with self._tx() as conn:
             value = conn.execute(stmt).scalar()
@@ -320,6 +467,14 @@ class Store:
     def count_in(self, *states: JobState) -> int:
         """Jobs in any of these states (an index lookup, unlike counts(), which reads all)."""
         stmt = select(func.count()).where(jobs.c.state.in_([s.value for s in states]))
+        with self._tx() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+    def held_in(self, *states: JobState) -> int:
+        """Jobs in any of these states that this node holds."""
+        stmt = select(func.count()).where(
+            jobs.c.node == self.node, jobs.c.state.in_([s.value for s in states])
+        )
         with self._tx() as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
@@ -410,6 +565,15 @@ class Store:
         stmt = select(daemon_state).where(daemon_state.c.updated_at >= since)
         with self._tx() as conn:
             return {r.node: json.loads(r.data) for r in conn.execute(stmt)}
+
+
+def _moving(new: JobState, fields: dict[str, Any]) -> dict[str, Any]:
+    """The values of a transition to ``new``: a job back in the queue belongs to nobody."""
+    values = {"state": new.value, **fields}
+    if new is JobState.QUEUED:
+        values.setdefault("node", None)
+        values.setdefault("lease_until", None)
+    return values
 
 
 def _prepare_sqlite_file(url: str) -> Path | None:

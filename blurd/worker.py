@@ -184,8 +184,13 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.wake_event = threading.Event()
         self._lock = threading.Lock()
-        self._busy: set[int] = set()  # jobs with a step queued or running
+        # Steps queued or running, per job. A count, not a set: a step can release its job
+        # (a prepare hands the hashed job back to the queue) a moment before it ends, and the
+        # next step of that job may be handed out in that moment.
+        self._busy: dict[int, int] = {}
         self._uploads = 0  # upload steps queued or running
+        self._prepares = 0  # prepare steps queued or running
+        self._leases_due_at = 0.0
         self._polls: dict[int, int] = {}  # polls so far per job, for the poll interval
         self._odd_polls: dict[int, int] = {}  # consecutive unexpected statuses per job
         self.auth_paused_until: float | None = None
@@ -241,31 +246,43 @@ class Worker:
                 time.sleep(0.05)
             if self.busy():
                 log.warning("worker.stopped_with_steps_running", steps=self.busy())
+            try:
+                self.store.release_all()
+            except Exception as exc:  # the database is gone: the holds lapse with the lease
+                log.warning("worker.release_failed", error=str(exc))
 
     def tick(self) -> float:
         """Hand out every due step; return how long the scheduler may sleep."""
         assert self._upload_pool is not None and self._io_pool is not None
         now = self.clock()
         api_ok = self._api_available(now)
+        if now >= self._leases_due_at:
+            self._keep_leases(now)
         # Each query excludes the jobs busy *now*: a step handed out a moment ago may already
-        # have moved its job on (a poll to `downloading`, a prepare to hashed-and-queued)
-        # while it still runs, and the job must not get a second step.
+        # have moved its job on (a poll to `downloading`) while it still runs, and the job
+        # must not get a second step. Queued jobs are claimed: a job held for a step (here or
+        # on another node) is not claimable until that step lets go of it.
         if api_ok:
             for job in self.store.due(S.PROCESSING, now, 100, self._busy_now()):
                 self._dispatch(self._io_pool, self._poll, job)
             for job in self.store.due(S.DOWNLOADING, now, 100, self._busy_now()):
                 self._dispatch(self._io_pool, self._download, job)
-        for job in self.store.due(S.QUEUED, now, 100, self._busy_now(), prepared=False):
+        with self._lock:
+            # Claim only what the pool will start soon: the rest stays free for other nodes.
+            want = 2 * self.io_threads - self._prepares
+        for job in self.store.claim(now, want, prepared=False):
+            with self._lock:
+                self._prepares += 1
             self._dispatch(self._io_pool, self._prepare, job)
         if api_ok and self._uploads_allowed(now):
             with self._lock:
                 slots = self.max_uploads - self._uploads
-            in_flight = self.store.count_in(S.PROCESSING, S.DOWNLOADING) + self._uploads
+            in_flight = self.store.held_in(S.PROCESSING, S.DOWNLOADING) + self._uploads
             room = min(slots, self.max_in_flight - in_flight)
             if self.payment_paused_until is not None:
                 room = min(room, 1) if self._payment_probe is None else 0
             if room > 0:
-                for job in self.store.due(S.QUEUED, now, room, self._busy_now(), prepared=True):
+                for job in self.store.claim(now, room, prepared=True):
                     if self.payment_paused_until is not None:
                         self._payment_probe = job.id
                         log.info("engine.probe", job_id=job.id, path=job.rel_path, reason="402")
@@ -284,13 +301,22 @@ class Worker:
             self.metrics.api_error(exc.status)
             raise
 
+    def _keep_leases(self, now: float) -> None:
+        """Renew the leases of this node's jobs; adopt those of nodes whose lease ran out."""
+        self._leases_due_at = now + self.store.lease_s / 4
+        self.store.renew_leases(now)
+        keeps = self.engine.keeps_jobs_across_restarts
+        adopted = self.store.take_over(now, keeps_remote_jobs=keeps)
+        if any(adopted.values()):
+            log.warning("jobs.taken_over", reason="their node's lease ran out", **adopted)
+
     def _busy_now(self) -> set[int]:
         with self._lock:
             return set(self._busy)
 
     def _dispatch(self, pool: _Pool, fn: Callable[[Job], None], job: Job) -> None:
         with self._lock:
-            self._busy.add(job.id)
+            self._busy[job.id] = self._busy.get(job.id, 0) + 1
         pool.put(fn, job)
 
     def _run_step(self, fn: Callable[[Job], None], job: Job) -> None:
@@ -305,14 +331,18 @@ class Worker:
             self._retry_later(fresh, fresh.state, f"{type(exc).__name__}: {exc}", None, to=back)
         finally:
             with self._lock:
-                self._busy.discard(job.id)
+                left = self._busy.pop(job.id, 1) - 1
+                if left:
+                    self._busy[job.id] = left
                 if fn == self._upload:
                     self._uploads -= 1
+                elif fn == self._prepare:
+                    self._prepares -= 1
             self.wake_event.set()
 
     def _wait_hint(self, now: float) -> float:
-        due = self.store.next_due_at()
-        wait = self.timing.idle_wait_max_s
+        due = self.store.next_due_at(now)
+        wait = min(self.timing.idle_wait_max_s, max(0.0, self._leases_due_at - now))
         if due is not None:
             wait = min(wait, max(0.0, due - now))
         for until in (self.auth_paused_until, self.payment_paused_until):
@@ -380,11 +410,14 @@ class Worker:
             self._fail(job, S.QUEUED, reason)
             return
         fingerprint = watch.options.fingerprint(self.engine.name)
-        if not self.store.update(job.id, S.QUEUED, sha256=sha, fingerprint=fingerprint):
-            return
         earlier = self.store.find_reusable(sha, fingerprint, job.id)
-        if earlier is not None:
-            self._reuse(job, watch, path, earlier, sha, fingerprint)
+        if earlier is not None and self._reuse(job, watch, path, earlier, sha, fingerprint):
+            return
+        # Hashed, the job goes back to everyone: any node with room may upload it. (Only now:
+        # released before the look for an identical result, it could be uploaded meanwhile.)
+        self.store.update(
+            job.id, S.QUEUED, sha256=sha, fingerprint=fingerprint, node=None, lease_until=None
+        )
         self.wake_event.set()
 
     def _rejection(self, job: Job, path: Path) -> str | None:
@@ -392,13 +425,13 @@ class Worker:
 
     def _reuse(
         self, job: Job, watch: WatchConfig, path: Path, earlier: Job, sha: str, fingerprint: str
-    ) -> None:
+    ) -> bool:
         """Copy the outputs of an identical earlier job, if they still exist unchanged."""
         assert earlier.output_media is not None
         media = Path(earlier.output_media)
         try:
             if not media.is_file() or file_sha256(media) != earlier.output_sha256:
-                return
+                return False
             target = writer.media_target(watch.output, job.rel_path, media.name)
             placed, _ = writer.place_bytes_from(lambda out: _copy_into(media, out), target)
             placed_json: Path | None = None
@@ -411,9 +444,11 @@ class Worker:
                     )
         except OSError as exc:
             log.warning("job.reuse_failed", job_id=job.id, path=job.rel_path, error=str(exc))
-            return
+            return False
+        self.store.update(job.id, S.QUEUED, sha256=sha, fingerprint=fingerprint)
         self._finish(job, S.QUEUED, watch, path, placed, placed_json, earlier.output_sha256,
                      reused_from=earlier.id)  # fmt: skip
+        return True
 
     def _upload(self, job: Job) -> None:
         watch, path = self._source(job)
@@ -680,8 +715,12 @@ class Worker:
     ) -> None:
         attempts = job.attempts + 1
         delay = 0.0 if immediate else backoff(attempts, self.timing, self.rng, retry_after)
-        fields = dict(attempts=attempts, error=reason, next_attempt_at=self.clock() + delay)
+        fields: dict[str, Any] = dict(
+            attempts=attempts, error=reason, next_attempt_at=self.clock() + delay
+        )
         if to is None or to == state:
+            if state is S.QUEUED:  # a queued job waits for its retry held by nobody
+                fields.update(node=None, lease_until=None)
             moved = self.store.update(job.id, state, **fields)
         else:
             moved = self.store.transition(job.id, state, to, **fields)

@@ -126,8 +126,8 @@ def test_the_remote_id_commit_is_flushed_and_the_connection_restored(
 
 
 def test_orphans_of_a_forgetful_engine_go_back_to_the_queue_unpenalised(store: Store) -> None:
-    """requeue_orphans: processing and downloading jobs return to queued without a remote id
-    and without using their requeue budget; other states stay as they are."""
+    """recover() with an engine that forgets its jobs: processing and downloading jobs return
+    to queued without a remote id and without using their requeue budget; other states stay."""
     ids = {}
     for name, path in (("proc", [S.UPLOADING, S.PROCESSING]),
                        ("down", [S.UPLOADING, S.PROCESSING, S.DOWNLOADING]),
@@ -139,7 +139,7 @@ def test_orphans_of_a_forgetful_engine_go_back_to_the_queue_unpenalised(store: S
             store.transition(job, old, new, remote_id="local-x")
             old = new
         ids[name] = job
-    assert store.requeue_orphans() == 2
+    assert store.recover(keeps_remote_jobs=False)["requeued_orphans"] == 2
     for name in ("proc", "down"):
         row = store.get(ids[name])
         assert row is not None and row.state is S.QUEUED
