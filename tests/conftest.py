@@ -76,3 +76,21 @@ def detector() -> Any:
     from blurd.engines.local.detect import FaceDetector
 
     return FaceDetector(threads=2)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """A PostgreSQL server on 127.0.0.1 for the whole run (see tests/pgserver.py)."""
+    from tests.pgserver import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database of each kind blurd supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/blurd.db"
+    server = request.getfixturevalue("postgres")
+    return str(server.new_database())

@@ -1,0 +1,277 @@
+"""Several nodes on one jobs table: claims, leases, take-over and versioned migrations, on
+SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    inspect,
+    insert,
+)
+
+from blurd import migrations
+from blurd.errors import StoreError
+from blurd.models import SCHEMA_VERSION, JobState
+from blurd.store import Store
+from tests.conftest import FakeClock
+
+S = JobState
+
+
+def _store(url: str, node: str, clock: FakeClock, lease_s: float = 10.0) -> Store:
+    return Store(url, node=node, lease_s=lease_s, clock=clock)
+
+
+def test_a_claimed_job_is_held_until_released(db_url: str, clock: FakeClock) -> None:
+    """A queued job claimed by one node is not claimable by another until released; a lapsed
+    hold is claimable again."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        job = a.enqueue("w", "x.jpg", 1, 1)
+        assert [j.id for j in a.claim(clock(), 5, prepared=False)] == [job]
+        assert b.claim(clock(), 5, prepared=False) == []
+        assert a.release(job)
+        assert [j.id for j in b.claim(clock(), 5, prepared=False)] == [job]
+        clock.advance(11)  # b's hold lapses without renewal
+        assert [j.id for j in a.claim(clock(), 5, prepared=False)] == [job]
+        row = a.get(job)
+        assert row is not None and row.node == "a" and row.lease_until == clock() + 10
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_claims_hand_out_each_job_once(db_url: str) -> None:
+    """Four nodes claiming in a tight loop from threads: every job is claimed exactly once."""
+    first = Store(db_url, node="n0")
+    for i in range(300):
+        first.enqueue("w", f"{i}.jpg", 1, 1)
+    got: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def node(name: str) -> None:
+        store = first if name == "n0" else Store(db_url, node=name)
+        mine = got.setdefault(name, [])
+        try:
+            while batch := store.claim(store.clock(), 7, prepared=False):
+                mine.extend(j.id for j in batch)
+        except BaseException as exc:  # reported below, with the test's own failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(f"n{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    first.close()
+    assert not errors, errors
+    claimed = [i for ids in got.values() for i in ids]
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+    assert sum(1 for ids in got.values() if ids) >= 2, "one node took everything: no contention"
+
+
+def _at_engine(store: Store, rel: str, state: JobState = S.PROCESSING) -> int:
+    job = store.enqueue("w", rel, 1, 1)
+    assert job is not None and store.claim(store.clock(), 1, prepared=False)
+    store.transition(job, S.QUEUED, S.UPLOADING)
+    if state is not S.UPLOADING:
+        store.transition(job, S.UPLOADING, S.PROCESSING, remote_id=f"r-{rel}")
+    if state is S.DOWNLOADING:
+        store.transition(job, S.PROCESSING, S.DOWNLOADING)
+    return job
+
+
+def test_a_lapsed_node_s_jobs_are_taken_over_from_their_state(
+    db_url: str, clock: FakeClock
+) -> None:
+    """After a's lease runs out, b adopts a's processing job with its remote id (polled, not
+    uploaded again) and sends a's interrupted upload back to the queue; a renewing lease keeps
+    b away, and a can no longer move a job b took."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        polled = _at_engine(a, "p.jpg")
+        uploading = _at_engine(a, "u.jpg", S.UPLOADING)
+        clock.advance(8)
+        a.renew_leases(clock())
+        clock.advance(8)  # 16 s after the claim, 8 s after the renewal: still a's
+        assert not any(b.take_over(clock(), keeps_remote_jobs=True).values())
+        clock.advance(3)
+        adopted = b.take_over(clock(), keeps_remote_jobs=True)
+        assert adopted["resumed_processing"] == 1 and adopted["requeued_uploads"] == 1
+        row = b.get(polled)
+        assert row is not None and row.state is S.PROCESSING and row.remote_id == "r-p.jpg"
+        assert row.node == "b" and row.next_attempt_at == 0.0
+        back = b.get(uploading)
+        assert back is not None and back.state is S.QUEUED and back.node is None
+        assert not a.update(polled, S.PROCESSING, progress="late"), "a moved b's job"
+        assert b.update(polled, S.PROCESSING, progress="mine")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_forgetful_engine_s_jobs_are_requeued_on_take_over(
+    db_url: str, clock: FakeClock
+) -> None:
+    """With an engine whose jobs live in the dead node (the local engine), a lapsed job at the
+    engine goes back to the queue without its remote id."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        job = _at_engine(a, "d.jpg", S.DOWNLOADING)
+        clock.advance(11)
+        assert b.take_over(clock(), keeps_remote_jobs=False)["requeued_orphans"] == 1
+        row = b.get(job)
+        assert row is not None and row.state is S.QUEUED and row.remote_id is None
+        assert row.node is None and row.requeues == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recovery_at_start_up_touches_only_this_node_s_jobs(
+    db_url: str, clock: FakeClock
+) -> None:
+    """A restarting node resumes its own jobs at once and leaves another live node's alone."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        mine = _at_engine(a, "a.jpg", S.UPLOADING)
+        theirs = _at_engine(b, "b.jpg", S.UPLOADING)
+        held = a.enqueue("w", "held.jpg", 1, 1)
+        a.claim(clock(), 5, prepared=False)
+        a.close()
+        a = _store(db_url, "a", clock)
+        assert a.recover()["requeued_uploads"] == 1
+        assert (row := a.get(mine)) is not None and row.state is S.QUEUED
+        assert (row := a.get(theirs)) is not None and row.state is S.UPLOADING
+        assert (row := a.get(held)) is not None and row.node is None
+    finally:
+        a.close()
+        b.close()
+
+
+def _v1_tables(md: MetaData) -> None:
+    """The schema as blurd 0.1 created it (version 1), frozen here for the upgrade test."""
+    Table(
+        "jobs", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("watch", String(1024), nullable=False),
+        Column("rel_path", String(4096), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("mtime_ns", BigInteger, nullable=False),
+        *(Column(n, String(64)) for n in ("sha256", "fingerprint")),
+        Column("state", String(16), nullable=False),
+        Column("remote_id", String(512)),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("requeues", Integer, nullable=False, default=0),
+        Column("next_attempt_at", Float, nullable=False, default=0.0),
+        Column("error", Text),
+        Column("progress", String(128)),
+        *(Column(n, String(512)) for n in ("result_media_name", "result_detections_name")),
+        *(Column(n, String(4096)) for n in ("output_media", "output_detections")),
+        Column("output_sha256", String(64)),
+        Column("bytes_up", BigInteger, nullable=False, default=0),
+        *(Column(n, Float, nullable=False) for n in ("created_at", "updated_at")),
+        UniqueConstraint("watch", "rel_path", "size", "mtime_ns", name="uq_jobs_version"),
+        Index("ix_jobs_state_due", "state", "next_attempt_at"),
+        Index("ix_jobs_content", "sha256", "fingerprint", "state"),
+    )  # fmt: skip
+    Table("daemon_state", md, Column("node", String(255), primary_key=True),
+          Column("data", Text, nullable=False), Column("updated_at", Float, nullable=False))  # fmt: skip
+    Table("blurd_schema", md, Column("version", Integer, primary_key=True),
+          Column("applied_at", Float, nullable=False))  # fmt: skip
+
+
+def _make_v1(url: str) -> None:
+    md = MetaData()
+    _v1_tables(md)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        md.create_all(conn)
+        conn.execute(insert(md.tables["blurd_schema"]).values(version=1, applied_at=0.0))
+        conn.execute(insert(md.tables["jobs"]).values(
+            watch="w", rel_path="old.jpg", size=1, mtime_ns=1, state="processing",
+            remote_id="r-old", attempts=0, requeues=0, next_attempt_at=0.0, bytes_up=0,
+            created_at=0.0, updated_at=0.0))  # fmt: skip
+    engine.dispose()
+
+
+def _shape(url: str) -> dict[str, object]:
+    engine = create_engine(url)
+    insp = inspect(engine)
+    shape: dict[str, object] = {}
+    for table in sorted(insp.get_table_names()):
+        shape[table] = (
+            sorted((c["name"], c["nullable"]) for c in insp.get_columns(table)),
+            sorted((i["name"], tuple(i["column_names"])) for i in insp.get_indexes(table)),
+        )
+    engine.dispose()
+    return shape
+
+
+def test_an_upgraded_database_has_the_shape_of_a_new_one(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A version-1 database brought forward by the migrations has the same tables, columns and
+    indexes as one created new, keeps its rows, and records every version."""
+    _make_v1(db_url)
+    fresh_url = (
+        f"sqlite:///{tmp_path}/fresh.db"
+        if db_url.startswith("sqlite")
+        else request.getfixturevalue("postgres").new_database()
+    )
+    Store(fresh_url).close()
+    store = Store(db_url, upgrade=True)
+    try:
+        assert store.schema_change == (1, SCHEMA_VERSION)
+        old = store.list_jobs()
+        assert [(j.rel_path, j.remote_id, j.node) for j in old] == [("old.jpg", "r-old", None)]
+        with store.engine.begin() as conn:
+            assert migrations.current_version(conn) == SCHEMA_VERSION
+    finally:
+        store.close()
+    assert _shape(db_url) == _shape(fresh_url)
+    again = Store(db_url)
+    assert again.schema_change is None  # nothing left to apply
+    again.close()
+
+
+def test_a_shared_database_is_upgraded_only_on_purpose(
+    postgres: object, clock: FakeClock
+) -> None:
+    """On PostgreSQL an older schema is refused with the command that upgrades it; a new, empty
+    database is created at once."""
+    url = postgres.new_database()  # type: ignore[attr-defined]
+    _make_v1(url)
+    with pytest.raises(StoreError, match=r"schema version 1, older .* `blurd db upgrade`"):
+        Store(url)
+    Store(url, upgrade=True).close()
+    Store(url).close()
+    Store(postgres.new_database()).close()  # type: ignore[attr-defined]
+
+
+def test_a_database_from_a_newer_blurd_is_refused_on_every_backend(db_url: str) -> None:
+    """A schema version above this blurd's is refused, not touched, even with upgrade=True."""
+    Store(db_url).close()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"INSERT INTO blurd_schema (version, applied_at) VALUES ({SCHEMA_VERSION + 1}, 0)"
+        )
+    engine.dispose()
+    for upgrade in (None, True):
+        with pytest.raises(StoreError, match="newer than this blurd understands"):
+            Store(db_url, upgrade=upgrade)
