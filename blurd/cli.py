@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(check)
 
+    db = sub.add_parser(
+        "db",
+        help="show or upgrade the database schema",
+        description="Show the database's schema version, or upgrade it. A SQLite file is "
+        "upgraded by `blurd run` itself; a shared (PostgreSQL) database only by `db upgrade`.",
+    )
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, text in (("version", "print the schema version; exit 1 if an upgrade is due"),
+                       ("upgrade", "apply the pending migrations (run it from one node)")):
+        with_config(db_sub.add_parser(name, help=text, description=text[0].upper() + text[1:]))
+
     anon = sub.add_parser(
         "anonymize",
         help="anonymize files now, without the daemon",
@@ -107,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "jobs": cmd_jobs,
         "retry": cmd_retry,
         "check": cmd_check,
+        "db": cmd_db,
         "anonymize": cmd_anonymize,
     }[args.command]
     try:
@@ -269,6 +281,35 @@ def cmd_retry(args: argparse.Namespace) -> int:
         store.close()
     print(f"{n} job(s) back in the queue")
     return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+
+    from blurd import migrations
+    from blurd.models import SCHEMA_VERSION
+
+    cfg = _config(args, require_watches=False)
+    url = cfg.daemon.database
+    if args.db_command == "upgrade":
+        store = Store(url, upgrade=True)
+        store.close()
+        if store.schema_change is None:
+            print(f"the database is at schema version {SCHEMA_VERSION}: nothing to do")
+        else:
+            before, after = store.schema_change
+            print(f"the database went from schema version {before or 'none'} to {after}")
+        return EXIT_OK
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            version = migrations.current_version(conn)
+    except Exception as exc:
+        raise StoreError(f"cannot read the schema version: {exc}") from exc
+    finally:
+        engine.dispose()
+    print(f"schema version {version or 'none'} (this blurd: {SCHEMA_VERSION})")
+    return EXIT_OK if version == SCHEMA_VERSION else EXIT_FAIL
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def test_every_command_has_help_and_is_in_the_readme() -> None:
     """No command ships undocumented: each has help text and a row in the README."""
     readme = (ROOT / "README.md").read_text()
     commands = _commands()
-    assert set(commands) == {"run", "status", "jobs", "retry", "check", "anonymize"}
+    assert set(commands) == {"run", "status", "jobs", "retry", "check", "db", "anonymize"}
     for name, parser in commands.items():
         assert parser.description, name
         assert f"`blurd {name}" in readme, f"blurd {name} is not in the README"

@@ -1,0 +1,197 @@
+"""Scale-out: three `blurd run` processes share one folder and one PostgreSQL queue."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blurd import cli
+from blurd.models import JobState
+from blurd.store import Store
+from tests.conftest import wait_for
+from tests.fakeblurit import FakeBlurIt
+from tests.harness import anonymized
+
+S = JobState
+LEASE_S = 2.0
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBlurIt]:
+    with FakeBlurIt(token_lifetime_s=30, job_seconds=1.0) as f:
+        yield f
+
+
+def start_node(
+    tmp_path: Path, fake: FakeBlurIt, url: str, node: str, *args: str
+) -> subprocess.Popen[bytes]:
+    """`blurd run` as node ``node`` on the shared folder and database."""
+    conf = tmp_path / f"{node}.toml"
+    conf.write_text(
+        f'[daemon]\ndatabase = "{url}"\nnode_id = "{node}"\nlease_seconds = {LEASE_S}\n'
+        f"max_in_flight = 4\n"
+        f'[blurit]\nurl = "{fake.url}"\n'
+        f'[[watch]]\npath = "{tmp_path}/in"\noutput = "{tmp_path}/out"\nsettle_seconds = 0.3\n'
+    )
+    env = {**os.environ, "BLURIT_CLIENT_ID": fake.client_id, "BLURIT_SECRET_ID": fake.secret_id}
+    env.pop("BLURD_CONFIG", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "blurd", "run", "--config", str(conf), *args],
+        env=env,
+        stdout=open(tmp_path / f"{node}.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=20))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(None)
+    return codes
+
+
+def jobs(url: str) -> list[Any]:
+    store = Store(url)
+    try:
+        return store.list_jobs(limit=10_000)
+    finally:
+        store.close()
+
+
+def drop_files(tmp_path: Path, n: int) -> dict[str, bytes]:
+    inbox = tmp_path / "in"
+    inbox.mkdir(exist_ok=True)
+    files = {f"d{i % 3}/f{i:02d}.jpg": os.urandom(5_000 + i) for i in range(n)}
+    for rel, data in files.items():
+        (inbox / rel).parent.mkdir(exist_ok=True)
+        (inbox / rel).write_bytes(data)
+    return files
+
+
+def check_outputs(tmp_path: Path, files: dict[str, bytes]) -> None:
+    out = tmp_path / "out"
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == anonymized(data), rel
+    assert not [p for p in out.rglob("*") if p.name.startswith(".blurd-")]
+    assert not [p for p in out.rglob("*-1.*")], "an output was written twice"
+
+
+@pytest.mark.slow
+def test_three_daemons_on_one_folder_upload_each_file_once(
+    tmp_path: Path, fake: FakeBlurIt, postgres: Any
+) -> None:
+    """Three nodes watching the same folder: each file is queued once, uploaded once and
+    written once, and the work is shared."""
+    url = postgres.new_database()
+    files = drop_files(tmp_path, 30)
+    procs = [start_node(tmp_path, fake, url, f"n{i}") for i in range(3)]
+    try:
+        wait_for(lambda: sum(j.state is S.DONE for j in jobs(url)) == 30, timeout=90,
+                 what="30 jobs done")  # fmt: skip
+    finally:
+        codes = stop_all(procs)
+    assert codes == [0, 0, 0]
+    rows = jobs(url)
+    assert len(rows) == 30, "a file was queued twice"
+    for data in files.values():
+        assert fake.upload_count(hashlib.sha256(data).hexdigest()) == 1
+    check_outputs(tmp_path, files)
+    workers = {j.node for j in rows}
+    assert len(workers) >= 2, f"one node did everything ({workers}): nothing was shared"
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_has_its_jobs_finished_by_the_others(
+    tmp_path: Path, fake: FakeBlurIt, postgres: Any
+) -> None:
+    """kill -9 on a node holding jobs at the API: once its lease runs out, the others poll
+    those jobs by their remote id (no second upload) and finish everything."""
+    fake.job_seconds = 3.0
+    url = postgres.new_database()
+    files = drop_files(tmp_path, 24)
+    victim = start_node(tmp_path, fake, url, "victim")
+    held = wait_for(
+        lambda: [j for j in jobs(url) if j.node == "victim" and j.state is S.PROCESSING],
+        timeout=30, what="the victim holding jobs at the API",
+    )  # fmt: skip
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    held_ids = {j.id for j in held}
+    survivors = [start_node(tmp_path, fake, url, f"n{i}") for i in range(2)]
+    try:
+        wait_for(lambda: sum(j.state is S.DONE for j in jobs(url)) == 24, timeout=120,
+                 what="24 jobs done")  # fmt: skip
+    finally:
+        codes = stop_all(survivors)
+    assert codes == [0, 0]
+    rows = {j.id: j for j in jobs(url)}
+    for job_id in held_ids:
+        row = rows[job_id]
+        assert row.node in {"n0", "n1"}, "a held job was not taken over"
+        data = files[row.rel_path]
+        assert fake.upload_count(hashlib.sha256(data).hexdigest()) == 1, row.rel_path
+    repeats = sum(fake.upload_count(hashlib.sha256(d).hexdigest()) - 1 for d in files.values())
+    assert repeats <= 2, "more repeat uploads than the victim had uploads running"
+    check_outputs(tmp_path, files)
+    log = "".join((tmp_path / f"n{i}.log").read_text() for i in range(2))
+    taken = [json.loads(line) for line in log.splitlines() if "jobs.taken_over" in line]
+    assert sum(e["resumed_processing"] for e in taken) >= len(held_ids)
+
+
+def test_a_second_daemon_with_the_same_node_id_is_refused(
+    tmp_path: Path, fake: FakeBlurIt, postgres: Any
+) -> None:
+    """Two live daemons may not share a node id: the second exits 2 naming the key."""
+    url = postgres.new_database()
+    (tmp_path / "in").mkdir()
+    first = start_node(tmp_path, fake, url, "same")
+    try:
+        wait_for(lambda: '"daemon.ready"' in (tmp_path / "same.log").read_text(), timeout=30,
+                 what="the first daemon ready")  # fmt: skip
+        wait_for(lambda: Store(url).daemon_states(15.0), timeout=15, what="its state saved")
+        second = start_node(tmp_path, fake, url, "same")
+        assert second.wait(timeout=30) == cli.EXIT_CONFIG
+    finally:
+        stop_all([first])
+    assert "daemon.node_id" in (tmp_path / "same.log").read_text()
+
+
+def test_db_upgrade_and_version_commands(
+    tmp_path: Path, postgres: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`blurd db version` exits 1 on an older schema and `blurd db upgrade` brings it forward;
+    `blurd run` on an older shared database refuses with exit 1, naming the command."""
+    from tests.test_store_nodes import _make_v1
+
+    url = postgres.new_database()
+    _make_v1(url)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[daemon]\ndatabase = "{url}"\n')
+    assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_FAIL
+    assert "schema version 1 (this blurd: 2)" in capsys.readouterr().out
+    (tmp_path / "in").mkdir()
+    run = ["run", "--config", str(conf), "--inbox", str(tmp_path / "in"),
+           "--outbox", str(tmp_path / "out"), "--once"]  # fmt: skip
+    assert cli.main(run) == cli.EXIT_FAIL
+    assert "`blurd db upgrade`" in capsys.readouterr().err
+    assert cli.main(["db", "upgrade", "--config", str(conf)]) == cli.EXIT_OK
+    assert "from schema version 1 to 2" in capsys.readouterr().out
+    assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_OK
+    assert cli.main(["db", "upgrade", "--config", str(conf)]) == cli.EXIT_OK
+    assert "nothing to do" in capsys.readouterr().out
