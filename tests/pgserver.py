@@ -64,16 +64,17 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                   "-A", "trust", "--no-sync", "-E", "UTF8")  # fmt: skip
-        opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port),
-                "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
+        opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-c",
+                f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
         if not self.durable:
             opts += ["-c", "fsync=off", "-c", "synchronous_commit=off",
                      "-c", "full_page_writes=off"]  # fmt: skip
-        self._proc = subprocess.Popen(
-            [*self._runas, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
-            stdout=open(self.dir / "server.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.dir / "server.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                [*self._runas, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -19,8 +19,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
-    inspect,
     insert,
+    inspect,
 )
 
 from blurd import migrations
@@ -190,7 +190,8 @@ def _v1_tables(md: MetaData) -> None:
         Index("ix_jobs_content", "sha256", "fingerprint", "state"),
     )  # fmt: skip
     Table("daemon_state", md, Column("node", String(255), primary_key=True),
-          Column("data", Text, nullable=False), Column("updated_at", Float, nullable=False))  # fmt: skip
+          Column("data", Text, nullable=False),
+          Column("updated_at", Float, nullable=False))  # fmt: skip
     Table("blurd_schema", md, Column("version", Integer, primary_key=True),
           Column("applied_at", Float, nullable=False))  # fmt: skip
 
