@@ -183,6 +183,34 @@ class Store:
         except IntegrityError:
             return None
 
+    def enqueue_many(
+        self, watch: str, versions: Sequence[tuple[str, int, int]], batch: int = 1000
+    ) -> list[tuple[int, str]]:
+        """Record many file versions (rel_path, size, mtime_ns), ``batch`` per transaction;
+        returns (id, rel_path) of those that were new. Versions already known (by this node or
+        another) are skipped by the unique key, without an error."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        stmt = (
+            dialect.insert(jobs)
+            .on_conflict_do_nothing(index_elements=["watch", "rel_path", "size", "mtime_ns"])
+            .returning(jobs.c.id, jobs.c.rel_path)
+        )
+        added: list[tuple[int, str]] = []
+        for start in range(0, len(versions), batch):
+            now = self.clock()
+            common = dict(state=JobState.QUEUED.value, attempts=0, requeues=0, bytes_up=0,
+                          next_attempt_at=0.0, created_at=now, updated_at=now)  # fmt: skip
+            rows = [
+                dict(watch=watch, rel_path=rel, size=size, mtime_ns=mtime, **common)
+                for rel, size, mtime in versions[start : start + batch]
+            ]
+            with self._tx() as conn:
+                result = conn.execute(stmt, rows) if len(rows) > 1 else conn.execute(stmt, rows[0])
+                added.extend((int(r.id), str(r.rel_path)) for r in result)
+        return added
+
     def transition(self, job_id: int, old: JobState, new: JobState, /, **fields: Any) -> bool:
         """Move a job from ``old`` to ``new``; False if it was no longer in ``old`` (or another
         node holds it now). A job that goes back to the queue belongs to nobody."""

@@ -241,20 +241,24 @@ class FolderWatcher:
                     self.tracker.touch(entry.path)
 
     def _enqueue(self, ready: list[Stable]) -> int:
-        added = 0
+        """Queue the settled files: one transaction per thousand, so a scan of a big folder
+        does not cost a commit (an fsync, on PostgreSQL) per file."""
+        fresh: dict[tuple[str, int, int], Stable] = {}
         for item in ready:
-            rel = self._rel(item.path)
-            key = (rel, item.size, item.mtime_ns)
-            if key in self._known:
-                continue
-            job_id = self.store.enqueue(self.watch.name, rel, item.size, item.mtime_ns)
-            self._known.add(key)
-            if job_id is not None:
-                added += 1
-                log.info("job.queued", job_id=job_id, path=rel, watch=self.root, size=item.size)
+            key = (self._rel(item.path), item.size, item.mtime_ns)
+            if key not in self._known:
+                fresh[key] = item
+        if not fresh:
+            return 0
+        versions = list(fresh)
+        added = self.store.enqueue_many(self.watch.name, versions)
+        self._known.update(versions)
+        sizes = {rel: size for rel, size, _mtime in versions}
+        for job_id, rel in added:
+            log.info("job.queued", job_id=job_id, path=rel, watch=self.root, size=sizes[rel])
         if added:
             self.on_enqueue()
-        return added
+        return len(added)
 
 
 class Watcher:

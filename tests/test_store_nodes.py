@@ -276,3 +276,18 @@ def test_a_database_from_a_newer_blurd_is_refused_on_every_backend(db_url: str) 
     for upgrade in (None, True):
         with pytest.raises(StoreError, match="newer than this blurd understands"):
             Store(db_url, upgrade=upgrade)
+
+
+def test_watchers_on_two_nodes_queue_each_version_once(db_url: str, clock: FakeClock) -> None:
+    """enqueue_many from two nodes that saw the same files: each version is one job, and each
+    node is told only about the rows it added."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        first = a.enqueue_many("w", [("x.jpg", 1, 1), ("y.jpg", 1, 1)], batch=1)
+        second = b.enqueue_many("w", [("y.jpg", 1, 1), ("z.jpg", 1, 1), ("x.jpg", 1, 2)])
+        assert [rel for _id, rel in first] == ["x.jpg", "y.jpg"]
+        assert sorted(rel for _id, rel in second) == ["x.jpg", "z.jpg"]
+        assert a.counts()[S.QUEUED] == 4
+    finally:
+        a.close()
+        b.close()
