@@ -44,7 +44,8 @@ def _create_index(conn: Connection, name: str) -> None:
 def _v2_node_and_lease(conn: Connection) -> None:
     _add_column(conn, "jobs", "node", "VARCHAR(255)")
     _add_column(conn, "jobs", "lease_until", "FLOAT")
-    _create_index(conn, "ix_jobs_node")
+    for index in ("ix_jobs_node", "ix_jobs_claim_hash", "ix_jobs_claim_upload"):
+        _create_index(conn, index)
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 SCHEMA_VERSION = 2  # the newest migration in blurd.migrations
@@ -93,6 +94,16 @@ jobs = Table(
     Index("ix_jobs_state_due", "state", "next_attempt_at"),
     Index("ix_jobs_content", "sha256", "fingerprint", "state"),
     Index("ix_jobs_node", "node", "state"),
+    # The two claim queries (DESIGN.md: scale-out) walk these in due order and stop at the
+    # first free row, however long the queue: queued jobs waiting to be hashed, and hashed
+    # ones waiting for an upload. Partial, so the rest of the table is not in them.
+    *(
+        Index(name, "state", "next_attempt_at", "id", sqlite_where=where, postgresql_where=where)
+        for name, where in (
+            ("ix_jobs_claim_hash", text("state = 'queued' AND sha256 IS NULL")),
+            ("ix_jobs_claim_upload", text("state = 'queued' AND sha256 IS NOT NULL")),
+        )
+    ),
 )
 
 daemon_state = Table(

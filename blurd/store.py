@@ -24,6 +24,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -285,10 +286,13 @@ class Store:
             return []
         has_hash = jobs.c.sha256.is_not(None)
         free = or_(jobs.c.node.is_(None), jobs.c.lease_until < now)
+        # The state is written into the SQL, not bound: only then can SQLite and PostgreSQL
+        # (with a generic plan) see that the partial claim indexes cover the query.
+        queued = jobs.c.state == literal_column(f"'{JobState.QUEUED.value}'")
         candidates = (
             select(jobs.c.id)
             .where(
-                jobs.c.state == JobState.QUEUED.value,
+                queued,
                 jobs.c.next_attempt_at <= now,
                 has_hash if prepared else jobs.c.sha256.is_(None),
                 free,
