@@ -177,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _store(cfg: config_mod.Config) -> Store:
-    return Store(cfg.daemon.database)
+    return Store(cfg.daemon.database, node=cfg.daemon.node_id)
 
 
 def status_data(cfg: config_mod.Config, store: Store) -> dict[str, Any]:
@@ -189,7 +189,8 @@ def status_data(cfg: config_mod.Config, store: Store) -> dict[str, Any]:
     uploaded = store.bytes_uploaded_since(midnight.timestamp())
     daemons = store.daemon_states(fresher_than_s=DAEMON_STALE_S)
     engine, why = cfg.engine_choice()
-    live: dict[str, Any] = next(iter(daemons.values()), {})
+    # With several nodes on one database: this machine's daemon first, else any of them.
+    live: dict[str, Any] = daemons.get(store.node) or next(iter(daemons.values()), {})
     engine_state = live.get("engine_state", {})
     worker_state = live.get("worker", {})
     return {
