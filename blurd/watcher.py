@@ -100,6 +100,8 @@ class FolderWatcher:
         self.store = store
         self.root = str(watch.path)
         self.excluded = [str(p) for p in excluded]
+        self._prefix = self.root.rstrip("/") + "/"
+        self._excluded_prefixes = [(ex, ex.rstrip("/") + "/") for ex in self.excluded]
         self.clock = clock
         self.rescan_s = rescan_s
         self.on_enqueue = on_enqueue
@@ -202,9 +204,9 @@ class FolderWatcher:
         log.info("watch.started", watch=self.root, polling=polling, why=why)
 
     def _wanted(self, path: str) -> bool:
-        if not (path == self.root or path.startswith(self.root.rstrip("/") + "/")):
+        if not (path == self.root or path.startswith(self._prefix)):
             return False
-        if any(path == ex or path.startswith(ex.rstrip("/") + "/") for ex in self.excluded):
+        if any(path == ex or path.startswith(p) for ex, p in self._excluded_prefixes):
             return False
         rel = self._rel(path)
         if rel and is_ignored_rel(rel):
@@ -212,7 +214,15 @@ class FolderWatcher:
         return self.watch.recursive or "/" not in rel
 
     def _rel(self, path: str) -> str:
-        return os.path.relpath(path, self.root).replace(os.sep, "/") if path != self.root else ""
+        if path == self.root:
+            return ""
+        # Called a few times per file on every scan: cut the prefix when the rest is already
+        # normal (no "//", no "." or ".." parts), and let relpath handle anything else.
+        if path.startswith(self._prefix):
+            rel = path[len(self._prefix) :]
+            if "//" not in rel and "/." not in "/" + rel:
+                return rel
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
 
     def _scan_tree(self, top: str) -> None:
         stack = [top]
