@@ -10,6 +10,7 @@ pause all engine work, a 402 pauses new uploads only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import queue
@@ -191,6 +192,7 @@ class Worker:
         self._uploads = 0  # upload steps queued or running
         self._prepares = 0  # prepare steps queued or running
         self._leases_due_at = 0.0
+        self._held: dict[int, float] = {}  # jobs at the engine held by this node -> due time
         self._polls: dict[int, int] = {}  # polls so far per job, for the poll interval
         self._odd_polls: dict[int, int] = {}  # consecutive unexpected statuses per job
         self.auth_paused_until: float | None = None
@@ -234,8 +236,8 @@ class Worker:
                     log.exception("worker.error")
                     wait = 5.0
                 if self.wake_event.wait(wait):
-                    # Steps end in bursts; let them share one tick (a tick is ~6 queries, and
-                    # every finished step asks for one).
+                    # Steps end in bursts; let them share one tick (a tick costs a few
+                    # queries, and every finished step asks for one).
                     stop.wait(defaults.TICK_BATCH_S)
                 self.wake_event.clear()
         finally:
@@ -252,44 +254,84 @@ class Worker:
                 log.warning("worker.release_failed", error=str(exc))
 
     def tick(self) -> float:
-        """Hand out every due step; return how long the scheduler may sleep."""
+        """Hand out every due step; return how long the scheduler may sleep.
+
+        Jobs at the engine that this node holds are scheduled from memory (``_held``: their
+        due times, kept as each step records its outcome, and read again from the database
+        with every lease renewal); their rows are read only when one is due. Queued jobs are
+        claimed from the database, and only while there is room to start them: a backlog
+        waiting for upload room costs no query until a step ends and makes room.
+        """
         assert self._upload_pool is not None and self._io_pool is not None
         now = self.clock()
         api_ok = self._api_available(now)
         if now >= self._leases_due_at:
             self._keep_leases(now)
-        # Each query excludes the jobs busy *now*: a step handed out a moment ago may already
-        # have moved its job on (a poll to `downloading`) while it still runs, and the job
-        # must not get a second step. Queued jobs are claimed: a job held for a step (here or
-        # on another node) is not claimable until that step lets go of it.
         if api_ok:
-            for job in self.store.due(S.PROCESSING, now, 100, self._busy_now()):
-                self._dispatch(self._io_pool, self._poll, job)
-            for job in self.store.due(S.DOWNLOADING, now, 100, self._busy_now()):
-                self._dispatch(self._io_pool, self._download, job)
+            self._dispatch_engine_steps(now)
         with self._lock:
             # Claim only what the pool will start soon: the rest stays free for other nodes.
             want = 2 * self.io_threads - self._prepares
-        for job in self.store.claim(now, want, prepared=False):
-            with self._lock:
-                self._prepares += 1
-            self._dispatch(self._io_pool, self._prepare, job)
-        if api_ok and self._uploads_allowed(now):
-            with self._lock:
-                slots = self.max_uploads - self._uploads
-            in_flight = self.store.held_in(S.PROCESSING, S.DOWNLOADING) + self._uploads
-            room = min(slots, self.max_in_flight - in_flight)
+        hash_more = want > 0 and len(self._claim(now, want, prepared=False)) == want
+        room = self._upload_room(now) if api_ok else 0
+        upload_more = room > 0 and len(self._claim(now, room, prepared=True)) == room
+        if hash_more or upload_more:
+            return defaults.TICK_BATCH_S  # more is due than there was room for this time
+        return self._wait_hint(now, hashing=want > 0, uploading=room > 0)
+
+    def _dispatch_engine_steps(self, now: float) -> None:
+        assert self._io_pool is not None
+        with self._lock:
+            due = [i for i, at in self._held.items() if at <= now and i not in self._busy][:100]
+        rows = self.store.get_many(due)
+        for job_id in set(due) - {j.id for j in rows}:
+            self._drop(job_id)  # deleted from the database by hand
+        for job in rows:
+            if job.node != self.store.node or job.state not in (S.PROCESSING, S.DOWNLOADING):
+                self._drop(job.id)  # taken over by another node, or moved on
+            elif job.next_attempt_at > now:
+                self._hold(job.id, job.next_attempt_at)
+            elif job.state is S.PROCESSING:
+                self._dispatch(self._io_pool, self._poll, job)
+            else:
+                self._dispatch(self._io_pool, self._download, job)
+
+    def _upload_room(self, now: float) -> int:
+        if not self._uploads_allowed(now):
+            return 0
+        with self._lock:
+            slots = self.max_uploads - self._uploads
+            room = min(slots, self.max_in_flight - len(self._held) - self._uploads)
+        if self.payment_paused_until is not None:
+            room = min(room, 1) if self._payment_probe is None else 0
+        return room
+
+    def _claim(self, now: float, limit: int, *, prepared: bool) -> list[Job]:
+        """Claim queued jobs and hand each to its step: a hash, or an upload."""
+        assert self._io_pool is not None and self._upload_pool is not None
+        claimed = self.store.claim(now, limit, prepared=prepared)
+        for job in claimed:
+            if not prepared:
+                with self._lock:
+                    self._prepares += 1
+                self._dispatch(self._io_pool, self._prepare, job)
+                continue
             if self.payment_paused_until is not None:
-                room = min(room, 1) if self._payment_probe is None else 0
-            if room > 0:
-                for job in self.store.claim(now, room, prepared=True):
-                    if self.payment_paused_until is not None:
-                        self._payment_probe = job.id
-                        log.info("engine.probe", job_id=job.id, path=job.rel_path, reason="402")
-                    with self._lock:
-                        self._uploads += 1
-                    self._dispatch(self._upload_pool, self._upload, job)
-        return self._wait_hint(now)
+                self._payment_probe = job.id
+                log.info("engine.probe", job_id=job.id, path=job.rel_path, reason="402")
+            with self._lock:
+                self._uploads += 1
+            self._dispatch(self._upload_pool, self._upload, job)
+        return claimed
+
+    def _hold(self, job_id: int, due_at: float) -> None:
+        """This node holds the job at the engine; its next step is due at ``due_at``."""
+        with self._lock:
+            self._held[job_id] = due_at
+
+    def _drop(self, job_id: int) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -309,6 +351,12 @@ class Worker:
         adopted = self.store.take_over(now, keeps_remote_jobs=keeps)
         if any(adopted.values()):
             log.warning("jobs.taken_over", reason="their node's lease ran out", **adopted)
+        held = self.store.held_at_engine()
+        with self._lock:
+            # The database is the truth: adopted jobs join, jobs another node took leave.
+            # A job with a step running keeps the time that step will record.
+            busy = {i: self._held[i] for i in self._busy if i in self._held}
+            self._held = {**held, **busy}
 
     def _busy_now(self) -> set[int]:
         with self._lock:
@@ -340,15 +388,21 @@ class Worker:
                     self._prepares -= 1
             self.wake_event.set()
 
-    def _wait_hint(self, now: float) -> float:
-        due = self.store.next_due_at(now)
+    def _wait_hint(self, now: float, *, hashing: bool, uploading: bool) -> float:
+        """Until the next step is due: a held job's, or a queued job's this node has room for
+        (a full pool is woken by its next finished step instead)."""
         wait = min(self.timing.idle_wait_max_s, max(0.0, self._leases_due_at - now))
-        if due is not None:
-            wait = min(wait, max(0.0, due - now))
+        with self._lock:
+            waiting = [at for i, at in self._held.items() if i not in self._busy]
+        if waiting:
+            wait = min(wait, max(0.0, min(waiting) - now))
+        for prepared, room in ((False, hashing), (True, uploading)):
+            if room and (due := self.store.next_queued_at(now, prepared=prepared)) is not None:
+                wait = min(wait, max(0.0, due - now))
         for until in (self.auth_paused_until, self.payment_paused_until):
             if until is not None:
                 wait = min(wait, max(0.05, until - now))
-        return max(wait, 0.02)
+        return max(wait, defaults.TICK_BATCH_S)
 
     def _api_available(self, now: float) -> bool:
         if self.auth_paused_until is None:
@@ -479,6 +533,7 @@ class Worker:
             return
         # Store the remote id before anything else can happen: a crash from here on resumes
         # by polling this id, never by uploading again.
+        first_poll = self.clock() + self.timing.poll_first_s
         moved = self.store.transition_durably(
             job.id,
             S.UPLOADING,
@@ -487,10 +542,12 @@ class Worker:
             attempts=0,
             error=None,
             bytes_up=job.size,
-            next_attempt_at=self.clock() + self.timing.poll_first_s,
+            next_attempt_at=first_poll,
         )
         self.metrics.uploaded(job.size)
-        if not moved:
+        if moved:
+            self._hold(job.id, first_poll)
+        else:
             log.error("job.lost_remote_id", job_id=job.id, path=job.rel_path, remote_id=remote_id)
             return
         if self._payment_probe == job.id:
@@ -528,19 +585,17 @@ class Worker:
             self._schedule_next_poll(job, status)
         elif status.phase is Phase.SUCCEEDED:
             self._forget(job.id)
-            if self.store.transition(
-                job.id,
-                S.PROCESSING,
-                S.DOWNLOADING,
+            ready: dict[str, Any] = dict(
                 result_media_name=status.media_name,
                 result_detections_name=status.detections_name,
                 attempts=0,
                 next_attempt_at=0.0,
                 progress=None,
-            ):
-                fresh = self.store.get(job.id)
-                if fresh is not None:
-                    self._download(fresh)
+            )
+            if self.store.transition(job.id, S.PROCESSING, S.DOWNLOADING, **ready):
+                self._download(dataclasses.replace(job, state=S.DOWNLOADING, **ready))
+            else:
+                self._drop(job.id)
         elif status.phase is Phase.FAILED:
             self._fail(job, S.PROCESSING, status.error or f"the engine reported {status.raw}")
         else:
@@ -568,10 +623,13 @@ class Worker:
         # Jitter only ever delays a poll: polling a job before its scheduled time finds it
         # unfinished more often, and the next poll is then a whole (longer) interval away.
         interval *= 1.0 + 0.25 * self.rng()
-        self.store.update(
-            job.id, S.PROCESSING, next_attempt_at=self.clock() + interval,
-            progress=status.progress, attempts=0,
-        )  # fmt: skip
+        due = self.clock() + interval
+        if self.store.update(
+            job.id, S.PROCESSING, next_attempt_at=due, progress=status.progress, attempts=0
+        ):
+            self._hold(job.id, due)
+        else:
+            self._drop(job.id)
 
     def _download(self, job: Job) -> None:
         watch, path = self._source(job)
@@ -640,6 +698,7 @@ class Worker:
         **context: Any,
     ) -> None:
         """Outputs are durably in place: apply the originals policy, then mark the job done."""
+        self._drop(job.id)
         self._apply_originals(job, watch, source)
         if self.store.transition(
             job.id,
@@ -679,6 +738,7 @@ class Worker:
 
     def _fail(self, job: Job, state: JobState, reason: str) -> None:
         self._forget(job.id)
+        self._drop(job.id)
         if self.store.transition(job.id, state, S.FAILED, error=reason, progress=None):
             log.error("job.failed", job_id=job.id, path=job.rel_path, reason=reason)
 
@@ -688,6 +748,7 @@ class Worker:
 
     def _requeue(self, job: Job, state: JobState, reason: str) -> None:
         self._forget(job.id)
+        self._drop(job.id)
         if job.requeues >= defaults.UNKNOWN_JOB_MAX_REQUEUES:
             self._fail(job, state, f"{reason}, {job.requeues + 1} times; giving up")
             return
@@ -724,6 +785,10 @@ class Worker:
             moved = self.store.update(job.id, state, **fields)
         else:
             moved = self.store.transition(job.id, state, to, **fields)
+        if moved and (to or state) in (S.PROCESSING, S.DOWNLOADING):
+            self._hold(job.id, fields["next_attempt_at"])
+        else:
+            self._drop(job.id)
         if moved:
             log.warning(
                 "job.retry",

@@ -532,3 +532,23 @@ def test_secrets_never_appear_in_errors_logs_or_repr(fake: FakeBlurIt, image: Pa
     for secret in [*tokens, "secret_test", "not-the-secret"]:
         assert not any(secret in text for text in texts)
     assert {e["event"] for e in logs} >= {"auth.login", "auth.failed"}
+
+
+def test_proxy_settings_come_from_the_environment_at_start(
+    fake: FakeBlurIt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment is read once, when the engine starts: a proxy variable set then is
+    used (here a closed port, so the login fails), and NO_PROXY for the API host bypasses it;
+    a change after the start is not seen."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    proxied = BlurItEngine(fake.url, fake.client_id, fake.secret_id, connect_timeout_s=2)
+    with pytest.raises(TransientApiError):
+        proxied.check()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    direct = BlurItEngine(fake.url, fake.client_id, fake.secret_id)
+    monkeypatch.delenv("NO_PROXY")
+    direct.check()  # NO_PROXY was read at its start and still holds
+    with pytest.raises(TransientApiError):
+        proxied.check()

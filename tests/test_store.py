@@ -113,7 +113,8 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_the_remote_id_commit_is_flushed_and_the_connection_restored(
     tmp_path: Path, store: Store
 ) -> None:
-    """transition_durably moves the row like transition(); connections stay in NORMAL mode."""
+    """transition_durably moves the row like transition(), through connections in FULL mode;
+    the other connections stay in NORMAL mode."""
     job = store.enqueue("w", "a.jpg", 1, 1)
     assert job is not None
     store.transition(job, S.QUEUED, S.UPLOADING)
@@ -123,6 +124,8 @@ def test_the_remote_id_commit_is_flushed_and_the_connection_restored(
     assert row is not None and row.remote_id == "r"
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with store._durable.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
 
 
 def test_orphans_of_a_forgetful_engine_go_back_to_the_queue_unpenalised(store: Store) -> None:
