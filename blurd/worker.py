@@ -193,6 +193,8 @@ class Worker:
         self._prepares = 0  # prepare steps queued or running
         self._leases_due_at = 0.0
         self._held: dict[int, float] = {}  # jobs at the engine held by this node -> due time
+        self._claim_lock = threading.Lock()  # one claim for uploads at a time: room is shared
+        self._stopping = False
         self._polls: dict[int, int] = {}  # polls so far per job, for the poll interval
         self._odd_polls: dict[int, int] = {}  # consecutive unexpected statuses per job
         self.auth_paused_until: float | None = None
@@ -241,6 +243,7 @@ class Worker:
                     stop.wait(defaults.TICK_BATCH_S)
                 self.wake_event.clear()
         finally:
+            self._stopping = True
             self._upload_pool.close()
             self._io_pool.close()
             deadline = time.monotonic() + grace_s
@@ -273,8 +276,9 @@ class Worker:
             # Claim only what the pool will start soon: the rest stays free for other nodes.
             want = 2 * self.io_threads - self._prepares
         hash_more = want > 0 and len(self._claim(now, want, prepared=False)) == want
-        room = self._upload_room(now) if api_ok else 0
-        upload_more = room > 0 and len(self._claim(now, room, prepared=True)) == room
+        with self._claim_lock:
+            room = self._upload_room(now) if api_ok else 0
+            upload_more = room > 0 and len(self._claim(now, room, prepared=True)) == room
         if hash_more or upload_more:
             return defaults.TICK_BATCH_S  # more is due than there was room for this time
         return self._wait_hint(now, hashing=want > 0, uploading=room > 0)
@@ -386,7 +390,23 @@ class Worker:
                     self._uploads -= 1
                 elif fn == self._prepare:
                     self._prepares -= 1
+            if fn == self._upload:
+                self._refill_uploads()
             self.wake_event.set()
+
+    def _refill_uploads(self) -> None:
+        """An upload thread that just finished claims the next upload itself: waiting for the
+        scheduler's next tick left the slot idle for a tick's delay after every upload."""
+        if self._stopping or self.auth_paused_until is not None:
+            return
+        try:
+            with self._claim_lock:
+                now = self.clock()
+                room = self._upload_room(now)
+                if room > 0:
+                    self._claim(now, room, prepared=True)
+        except Exception:
+            log.exception("worker.error")  # the scheduler's next tick claims instead
 
     def _wait_hint(self, now: float, *, hashing: bool, uploading: bool) -> float:
         """Until the next step is due: a held job's, or a queued job's this node has room for
