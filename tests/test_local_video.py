@@ -118,13 +118,13 @@ def test_boxes_carried_between_detections_span_the_motion() -> None:
 
 
 def test_boxes_left_alone_on_both_sides_are_paired_nearest_first() -> None:
-    """A fast face (2.5 sizes between detections) is spanned; boxes 5 sizes apart are not."""
+    """A fast face (2.5 sizes between detections) is spanned; boxes 6 sizes apart are not."""
     before = [Hit("face", 0, 0, 40, 40, 0.9), Hit("face", 1000, 0, 1040, 40, 0.9)]
-    after = [Hit("face", 100, 0, 140, 40, 0.8), Hit("face", 1200, 0, 1240, 40, 0.8)]
+    after = [Hit("face", 100, 0, 140, 40, 0.8), Hit("face", 1240, 0, 1280, 40, 0.8)]
     between = carried(before, after)
     assert Hit("face", 0, 0, 140, 40, 0.8, held=True) in between  # 100 px: 2.5 sizes
-    assert Hit("face", 1000, 0, 1040, 40, 0.9, held=True) in between  # 200 px: 5 sizes
-    assert Hit("face", 1200, 0, 1240, 40, 0.8, held=True) in between
+    assert Hit("face", 1000, 0, 1040, 40, 0.9, held=True) in between  # 240 px: 6 sizes
+    assert Hit("face", 1240, 0, 1280, 40, 0.8, held=True) in between
     assert len(between) == 3
     # two candidates for one leaving face: the nearer one is its partner, the other stays
     near, far = Hit("face", 90, 0, 130, 40, 0.7), Hit("face", 0, 120, 40, 160, 0.6)
@@ -160,6 +160,21 @@ def test_the_schedule_detects_every_nth_and_the_last_frame_and_writes_all_in_ord
     hits = dict(written)
     assert hits[1] == [Hit("face", 0, 0, 70, 40, 0.9, held=True)]  # spans frames 0 to 3
     assert hits[6] == unmatched(hits[3], [])  # the miss on frame 6 keeps frame 3's box
+
+
+def test_a_face_missed_once_is_spanned_to_its_next_detection() -> None:
+    """Missed on frame 3, the face seen on frames 0 and 6 stays covered on frames 4 and 5."""
+    boxes = {0: [Hit("face", 0, 0, 40, 40, 0.9)], 3: [], 6: [Hit("face", 120, 0, 160, 40, 0.8)]}
+    written: dict[int, list[Hit]] = {}
+
+    def keep(frame: Frame, hits: list[Hit]) -> None:
+        written[frame.index] = hits
+
+    DetectionSchedule(lambda f: boxes[f.index], keep, every=3).run(Frame(i) for i in range(7))
+    assert written[3] == [Hit("face", 0, 0, 40, 40, 0.9, held=True)]
+    for index in (4, 5):
+        assert written[index] == [Hit("face", 0, 0, 160, 40, 0.8, held=True)]
+    assert written[6] == [Hit("face", 120, 0, 160, 40, 0.8)]  # held boxes go no further
 
 
 def test_a_rotated_phone_video_is_written_upright(tmp_path: Path, detector: FaceDetector) -> None:
