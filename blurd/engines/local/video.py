@@ -1,7 +1,7 @@
 """Videos: decode with PyAV, anonymize frame by frame, encode H.264, copy audio unchanged.
 
 - Frames are streamed: at most ``2 x detect_every + 1`` decoded frames wait for their detections
-  (about 15 MB at 720p with the default interval), whatever the video's length.
+  (about 18 MB at 720p with the default interval), whatever the video's length.
 - Every frame keeps its timestamp (pts, in the input stream's time base), so the frame count
   and the duration are those of the input, variable frame rates included.
 - Audio packets are copied as they are (no re-encoding); other video streams (cover art),
@@ -38,11 +38,11 @@ PIXEL_FORMAT = "yuv420p"  # what every player decodes
 # analysis (about 20 % of its work at this preset); I frames (all of them for intra-only codecs
 # such as MJPEG) are left to the encoder, which places its own key frames.
 KEPT_PICTURE_TYPES = frozenset({2, 3})  # AV_PICTURE_TYPE_P, AV_PICTURE_TYPE_B
-# Detection every 5th frame (and on the last): on 2 cores it takes about 13 ms of CPU per frame
-# instead of 34 ms every 2nd frame. The frames in between hide the boxes of both sides, spanned
+# Detection every 6th frame (and on the last): on 2 cores it costs about 11 ms of CPU per frame
+# instead of 33 ms every 2nd frame. The frames in between hide the boxes of both sides, spanned
 # per face (schedule.py); tests/test_local_video.py checks that 50-110 px faces moving 21 px a
-# frame lose their detail in every frame.
-DETECT_EVERY = 5  # frames; 1 = detect on every frame
+# frame lose their detail in every frame (at every 8th frame the 50 px face no longer does).
+DETECT_EVERY = 6  # frames; 1 = detect on every frame
 INFER_WIDTH_PX = 640  # detection runs on a copy this wide: 2.5x faster than 1280 (see docs)
 
 Progress = Callable[[int, int | None], None]
