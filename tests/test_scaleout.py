@@ -66,6 +66,16 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
     return codes
 
 
+def run_until_done(procs: list[subprocess.Popen[bytes]], url: str, n: int, timeout: float) -> None:
+    """Wait for ``n`` jobs done, then stop the nodes with SIGTERM: each must exit 0."""
+    try:
+        wait_for(lambda: sum(j.state is S.DONE for j in jobs(url)) == n, timeout=timeout,
+                 what=f"{n} jobs done")  # fmt: skip
+    finally:
+        codes = stop_all(procs)
+    assert codes == [0] * len(procs)
+
+
 def jobs(url: str) -> list[Any]:
     store = Store(url)
     try:
@@ -100,13 +110,7 @@ def test_three_daemons_on_one_folder_upload_each_file_once(
     written once, and the work is shared."""
     url = postgres.new_database()
     files = drop_files(tmp_path, 30)
-    procs = [start_node(tmp_path, fake, url, f"n{i}") for i in range(3)]
-    try:
-        wait_for(lambda: sum(j.state is S.DONE for j in jobs(url)) == 30, timeout=90,
-                 what="30 jobs done")  # fmt: skip
-    finally:
-        codes = stop_all(procs)
-    assert codes == [0, 0, 0]
+    run_until_done([start_node(tmp_path, fake, url, f"n{i}") for i in range(3)], url, 30, 90)
     rows = jobs(url)
     assert len(rows) == 30, "a file was queued twice"
     for data in files.values():
@@ -133,13 +137,7 @@ def test_a_node_killed_mid_run_has_its_jobs_finished_by_the_others(
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     held_ids = {j.id for j in held}
-    survivors = [start_node(tmp_path, fake, url, f"n{i}") for i in range(2)]
-    try:
-        wait_for(lambda: sum(j.state is S.DONE for j in jobs(url)) == 24, timeout=120,
-                 what="24 jobs done")  # fmt: skip
-    finally:
-        codes = stop_all(survivors)
-    assert codes == [0, 0]
+    run_until_done([start_node(tmp_path, fake, url, f"n{i}") for i in range(2)], url, 24, 120)
     rows = {j.id: j for j in jobs(url)}
     for job_id in held_ids:
         row = rows[job_id]
