@@ -264,9 +264,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_job_dict(j) for j in rows], indent=2))
         return EXIT_OK
+    shared = any(j.node and j.node != store.node for j in rows)
     for j in rows:
         extra = j.progress or j.error or j.output_media or ""
-        print(f"{j.id:>6}  {j.state.value:<11}  {j.rel_path}  {extra}")
+        node = f"{j.node or '-':<12}  " if shared else ""  # several nodes: which one holds it
+        print(f"{j.id:>6}  {j.state.value:<11}  {node}{j.rel_path}  {extra}")
     return EXIT_OK
 
 
@@ -389,6 +391,7 @@ def _job_dict(j: Job) -> dict[str, Any]:
         "size": j.size,
         "sha256": j.sha256,
         "remote_id": j.remote_id,
+        "node": j.node,
         "attempts": j.attempts,
         "error": j.error,
         "progress": j.progress,

@@ -104,10 +104,10 @@ def check_outputs(tmp_path: Path, files: dict[str, bytes]) -> None:
 
 @pytest.mark.slow
 def test_three_daemons_on_one_folder_upload_each_file_once(
-    tmp_path: Path, fake: FakeBlurIt, postgres: Any
+    tmp_path: Path, fake: FakeBlurIt, postgres: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Three nodes watching the same folder: each file is queued once, uploaded once and
-    written once, and the work is shared."""
+    written once, and the work is shared; `blurd jobs` then says which node did each."""
     url = postgres.new_database()
     files = drop_files(tmp_path, 30)
     run_until_done([start_node(tmp_path, fake, url, f"n{i}") for i in range(3)], url, 30, 90)
@@ -118,6 +118,11 @@ def test_three_daemons_on_one_folder_upload_each_file_once(
     check_outputs(tmp_path, files)
     workers = {j.node for j in rows}
     assert len(workers) >= 2, f"one node did everything ({workers}): nothing was shared"
+    capsys.readouterr()
+    assert cli.main(["jobs", "--config", str(tmp_path / "n0.toml"), "--limit", "100"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 30
+    assert {line.split()[2] for line in listed} == workers
 
 
 @pytest.mark.slow
