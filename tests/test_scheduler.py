@@ -1,0 +1,65 @@
+"""The worker's scheduler: what a wait costs, and jobs held in memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+
+from blurd.models import JobState
+from tests.conftest import wait_for
+from tests.fakeblurit import FakeBlurIt
+from tests.harness import Daemon
+
+S = JobState
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBlurIt]:
+    with FakeBlurIt(job_seconds=60) as f:
+        yield f
+
+
+class StatementCounter:
+    """Counts the SQL statements run by this process's threads, except the test's own."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mine = threading.get_ident()
+
+    def __call__(self, *_args: Any) -> None:
+        if threading.get_ident() != self.mine:
+            self.count += 1
+
+
+def test_a_backlog_waiting_for_room_costs_almost_no_queries(
+    tmp_path: Path, fake: FakeBlurIt
+) -> None:
+    """With max_in_flight jobs at the API and the rest hashed and waiting, the scheduler sleeps
+    until a poll is due instead of asking the database again and again (it used to find the
+    waiting jobs due and look 50 times a second, six queries each)."""
+    with Daemon(tmp_path, fake, daemon_keys={"max_in_flight": 2}) as d:
+        for i in range(12):
+            (d.inbox / f"f{i}.jpg").write_bytes(os.urandom(2000 + i))
+
+        def backlog() -> bool:
+            jobs = d.all_jobs()
+            hashed = [j for j in jobs if j.state is S.QUEUED and j.sha256]
+            return len(hashed) == 10 and sum(j.state is S.PROCESSING for j in jobs) == 2
+
+        wait_for(backlog, timeout=30, what="2 jobs at the API and 10 waiting")
+        counter = StatementCounter()
+        event.listen(Engine, "before_cursor_execute", counter)
+        try:
+            time.sleep(3.0)  # the quantity under test is what happens during this window
+        finally:
+            event.remove(Engine, "before_cursor_execute", counter)
+    # Polls of the two jobs (the test timing polls every 0.1-0.3 s) and the status row are
+    # all that should run: about 2 jobs x 2 statements x 4 polls a second.
+    assert counter.count < 3.0 * 40, f"{counter.count} statements in 3 s while waiting"
