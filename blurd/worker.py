@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import queue
 import random
@@ -194,6 +195,12 @@ class Worker:
         self._leases_due_at = 0.0
         self._held: dict[int, float] = {}  # jobs at the engine held by this node -> due time
         self._claim_lock = threading.Lock()  # one claim for uploads at a time: room is shared
+        # When a claim of queued jobs (hashed: True, not yet: False) may next find one. A claim
+        # that comes back short sets it from the queue's next due time; news that the queue may
+        # have changed (see _queue_news) brings it forward. Between the two the queue is not
+        # asked, so a node with nothing to claim costs no statement per tick.
+        self._claimable_at: dict[bool, float] = {False: 0.0, True: 0.0}
+        self._news = 0  # counts _queue_news() calls: a claim's look is stale if it moved
         self._stopping = False
         self._polls: dict[int, int] = {}  # polls so far per job, for the poll interval
         self._odd_polls: dict[int, int] = {}  # consecutive unexpected statuses per job
@@ -212,7 +219,10 @@ class Worker:
         self.watches = {w.name: w for w in watches}
 
     def wake(self) -> None:
-        self.wake_event.set()
+        """Something outside the worker may have queued jobs (the watcher, a restart of the
+        watches): look at the queue at once."""
+        self._queue_news(False)
+        self._queue_news(True)
 
     def busy(self) -> int:
         with self._lock:
@@ -275,10 +285,10 @@ class Worker:
         with self._lock:
             # Claim only what the pool will start soon: the rest stays free for other nodes.
             want = 2 * self.io_threads - self._prepares
-        hash_more = want > 0 and len(self._claim(now, want, prepared=False)) == want
+        hash_more = self._claim(now, want, prepared=False)
         with self._claim_lock:
             room = self._upload_room(now) if api_ok else 0
-            upload_more = room > 0 and len(self._claim(now, room, prepared=True)) == room
+            upload_more = self._claim(now, room, prepared=True)
         if hash_more or upload_more:
             return defaults.TICK_BATCH_S  # more is due than there was room for this time
         return self._wait_hint(now, hashing=want > 0, uploading=room > 0)
@@ -310,10 +320,28 @@ class Worker:
             room = min(room, 1) if self._payment_probe is None else 0
         return room
 
-    def _claim(self, now: float, limit: int, *, prepared: bool) -> list[Job]:
-        """Claim queued jobs and hand each to its step: a hash, or an upload."""
+    def _claim(self, now: float, limit: int, *, prepared: bool) -> bool:
+        """Claim up to ``limit`` queued jobs and hand each to its step: a hash, or an upload.
+
+        True when the claim was full (more may be due). The queue is asked only once a job may
+        be claimable (``_claimable_at``); a short claim looks up when the next one is due.
+        """
         assert self._io_pool is not None and self._upload_pool is not None
+        with self._lock:
+            if limit <= 0 or now < self._claimable_at[prepared]:
+                return False
+            news = self._news
         claimed = self.store.claim(now, limit, prepared=prepared)
+        if len(claimed) < limit:
+            due = self.store.next_queued_at(now, prepared=prepared)
+            # Nothing due now: the next due job, or another look within the idle wait (another
+            # node's watcher or `blurd retry` queue jobs without telling this node). Something
+            # due that could not be claimed is being claimed by another node: look next tick.
+            if due is None or due > now:
+                due = min(due or math.inf, now + self.timing.idle_wait_max_s)
+            with self._lock:
+                if self._news == news:  # else news came meanwhile: keep what it set
+                    self._claimable_at[prepared] = due
         for job in claimed:
             if not prepared:
                 with self._lock:
@@ -326,7 +354,14 @@ class Worker:
             with self._lock:
                 self._uploads += 1
             self._dispatch(self._upload_pool, self._upload, job)
-        return claimed
+        return len(claimed) == limit
+
+    def _queue_news(self, prepared: bool, at: float = 0.0) -> None:
+        """A job became claimable (hashed or not) at ``at``: the next claim asks the queue."""
+        with self._lock:
+            self._news += 1
+            self._claimable_at[prepared] = min(self._claimable_at[prepared], at)
+        self.wake_event.set()
 
     def _hold(self, job_id: int, due_at: float) -> None:
         """This node holds the job at the engine; its next step is due at ``due_at``."""
@@ -355,6 +390,7 @@ class Worker:
         adopted = self.store.take_over(now, keeps_remote_jobs=keeps)
         if any(adopted.values()):
             log.warning("jobs.taken_over", reason="their node's lease ran out", **adopted)
+            self.wake()  # requeued uploads and orphans are claimable
         held = self.store.held_at_engine()
         with self._lock:
             # The database is the truth: adopted jobs join, jobs another node took leave.
@@ -414,11 +450,10 @@ class Worker:
         wait = min(self.timing.idle_wait_max_s, max(0.0, self._leases_due_at - now))
         with self._lock:
             waiting = [at for i, at in self._held.items() if i not in self._busy]
+            waiting += [self._claimable_at[p] for p, room in ((False, hashing), (True, uploading))
+                        if room]  # fmt: skip
         if waiting:
             wait = min(wait, max(0.0, min(waiting) - now))
-        for prepared, room in ((False, hashing), (True, uploading)):
-            if room and (due := self.store.next_queued_at(now, prepared=prepared)) is not None:
-                wait = min(wait, max(0.0, due - now))
         for until in (self.auth_paused_until, self.payment_paused_until):
             if until is not None:
                 wait = min(wait, max(0.05, until - now))
@@ -489,10 +524,10 @@ class Worker:
             return
         # Hashed, the job goes back to everyone: any node with room may upload it. (Only now:
         # released before the look for an identical result, it could be uploaded meanwhile.)
-        self.store.update(
+        if self.store.update(
             job.id, S.QUEUED, sha256=sha, fingerprint=fingerprint, node=None, lease_until=None
-        )
-        self.wake_event.set()
+        ):
+            self._queue_news(True, job.next_attempt_at)
 
     def _rejection(self, job: Job, path: Path) -> str | None:
         return rejection(path, self.engine.supported_extensions, (job.size, job.mtime_ns))
@@ -540,7 +575,8 @@ class Worker:
             return
         except AuthError as exc:
             self._pause_auth(str(exc))
-            self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0)
+            if self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0):
+                self._queue_news(True)
             return
         except TransientApiError as exc:
             self._retry_later(job, S.UPLOADING, str(exc), exc.retry_after_s, to=S.QUEUED)
@@ -586,7 +622,8 @@ class Worker:
             )
         self.payment_paused_until = self.clock() + self.timing.payment_probe_s
         self._payment_probe = None
-        self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0)
+        if self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0):
+            self._queue_news(True)
 
     def _poll(self, job: Job) -> None:
         assert job.remote_id is not None
@@ -776,6 +813,7 @@ class Worker:
             job.id, state, S.QUEUED, remote_id=None, requeues=job.requeues + 1,
             next_attempt_at=0.0, error=reason, attempts=0,
         ):  # fmt: skip
+            self._queue_news(True)  # the content is hashed already: it waits for an upload
             log.warning(
                 "job.requeued",
                 job_id=job.id,
@@ -809,6 +847,8 @@ class Worker:
             self._hold(job.id, fields["next_attempt_at"])
         else:
             self._drop(job.id)
+            if moved:  # back in the queue, due again after the delay
+                self._queue_news(job.sha256 is not None, fields["next_attempt_at"])
         if moved:
             log.warning(
                 "job.retry",
