@@ -28,6 +28,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 UPLOAD_READ_TIMEOUT_S = 600.0
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+SMALL_UPLOAD_BYTES = 1024 * 1024  # uploads up to this size are sent from one buffer
 
 # retries and polling
 BACKOFF_BASE_S = 1.0

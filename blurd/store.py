@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -80,16 +81,30 @@ class Store:
         self._claims: dict[bool, Any] = {}
         self._next_queued: dict[bool, Any] = {}
         self._sqlite_path = _prepare_sqlite_file(url)
-        # A pre-ping (one more statement per connection checkout) guards against a server that
-        # dropped the connection; a SQLite file has no server.
-        self.engine: Engine = create_engine(
-            url, future=True, pool_pre_ping=self._sqlite_path is None
-        )
-        self._durable = self.engine
-        if self._sqlite_path is not None:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-            self._durable = create_engine(url, pool_size=2, pool_pre_ping=False)
-            event.listen(self._durable, "connect", _sqlite_pragmas)
+        # One transaction at a time in this process, on SQLite (see _tx); elsewhere the server
+        # takes care of concurrent transactions.
+        self._one_at_a_time: threading.Lock | None = None
+        self._kept: dict[Engine, Connection] = {}  # SQLite: the connection of each pool, open
+        if self._sqlite_path is None:
+            # A pre-ping (one more statement per checkout) guards against a server that
+            # dropped the connection.
+            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            self._durable = self.engine
+        else:
+            # SQLite lets one writer in at a time, and a connection that finds the write lock
+            # taken sleeps in its busy handler (1, 2, 5, 10 ms…) however short the other's
+            # transaction: with a connection per thread that was 17 sleeps per job under load,
+            # and every commit emptied the other connections' page caches. The daemon's
+            # threads therefore take turns on one connection, kept open (plus one with
+            # synchronous = FULL for the remote-id commit); a thread waiting for its turn wakes
+            # the moment the previous one ends, and no transaction pays for a pool checkout.
+            # Other processes (`blurd status`, a second daemon) still meet the busy timeout.
+            self._one_at_a_time = threading.Lock()
+            single = dict(pool_size=1, max_overflow=4, pool_pre_ping=False)
+            self.engine = create_engine(url, future=True, **single)
+            self._durable = create_engine(url, future=True, **single)
+            for engine in (self.engine, self._durable):
+                event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(self._durable, "connect", _sqlite_full_sync)
         try:
             self._open_schema(upgrade)
@@ -157,15 +172,36 @@ class Store:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        if self._one_at_a_time is not None:
+            with self._one_at_a_time:
+                for conn in self._kept.values():
+                    conn.close()
+                self._kept.clear()
         self.engine.dispose()
         if self._durable is not self.engine:
             self._durable.dispose()
 
     @contextmanager
     def _tx(self, engine: Engine | None = None) -> Iterator[Connection]:
+        """One transaction; on SQLite, the only one of this process at the time, on the
+        connection kept open for it (closed after an error, and opened again when next used)."""
+        engine = engine or self.engine
         try:
-            with (engine or self.engine).begin() as conn:
-                yield conn
+            if self._one_at_a_time is None:
+                with engine.begin() as conn:
+                    yield conn
+                return
+            with self._one_at_a_time:
+                kept = self._kept.get(engine)
+                if kept is None:
+                    kept = self._kept[engine] = engine.connect()
+                try:
+                    with kept.begin():
+                        yield kept
+                except BaseException:
+                    del self._kept[engine]
+                    kept.close()
+                    raise
         except OperationalError as exc:
             raise StoreError(f"{self._describe()}: {_short(exc)}") from exc
 
@@ -291,9 +327,13 @@ class Store:
         """Hold up to ``limit`` due queued jobs that nobody holds (or whose holder's lease
         ran out) for a step of this node; oldest first.
 
+        ``prepared`` False: jobs not hashed yet, held (still ``queued``) for their hash.
+        ``prepared`` True: hashed jobs, whose upload the claim starts: they come back
+        ``uploading`` (the claim is their QUEUED -> UPLOADING transition).
+
         One statement: ``UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING``;
         on PostgreSQL concurrent claimers skip each other's rows instead of waiting, on SQLite
-        the write lock serializes them. ``prepared``: jobs whose content was hashed, or not.
+        the write lock serializes them.
         """
         if limit <= 0:
             return []
@@ -311,10 +351,18 @@ class Store:
                 .limit(bindparam("k_limit", type_=Integer, literal_execute=True))
                 .with_for_update(skip_locked=True)
             )
+            values: dict[str, Any] = dict(
+                node=bindparam("v_node"),
+                lease_until=bindparam("v_lease"),
+                updated_at=bindparam("k_now"),
+            )
+            if prepared:
+                assert allowed(JobState.QUEUED, JobState.UPLOADING)
+                values["state"] = JobState.UPLOADING.value
             stmt = self._claims[prepared] = (
                 update(jobs)
-                .where(jobs.c.id.in_(candidates.scalar_subquery()), free)
-                .values(node=bindparam("v_node"), lease_until=bindparam("v_lease"))
+                .where(jobs.c.id.in_(candidates.scalar_subquery()), _queued(prepared), free)
+                .values(values)
                 .returning(*jobs.c)
             )
         params = dict(k_now=now, k_limit=limit, v_node=self.node, v_lease=now + self.lease_s)

@@ -560,9 +560,12 @@ class Worker:
         return True
 
     def _upload(self, job: Job) -> None:
-        watch, path = self._source(job)
-        if not self.store.transition(job.id, S.QUEUED, S.UPLOADING):
+        """Upload a job that the claim moved to ``uploading``; store its remote id at once."""
+        if self._stopping:  # claimed, but the daemon is stopping: back to the queue, unsent
+            if self.store.transition(job.id, S.UPLOADING, S.QUEUED):
+                self._queue_news(True)
             return
+        watch, path = self._source(job)
         log.info("job.uploading", job_id=job.id, path=job.rel_path, size=job.size)
         try:
             reason = self._rejection(job, path)

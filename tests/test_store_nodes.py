@@ -62,22 +62,25 @@ def test_concurrent_claims_hand_out_each_job_once(db_url: str) -> None:
         first.enqueue("w", f"{i}.jpg", 1, 1)
     got: dict[str, list[int]] = {}
     errors: list[BaseException] = []
+    stores = [first] + [Store(db_url, node=f"n{i}") for i in range(1, 4)]
+    start = threading.Barrier(len(stores))  # all open first: a claim takes well under 1 ms
 
-    def node(name: str) -> None:
-        store = first if name == "n0" else Store(db_url, node=name)
-        mine = got.setdefault(name, [])
+    def node(store: Store) -> None:
+        mine = got.setdefault(store.node, [])
         try:
+            start.wait(timeout=30)
             while batch := store.claim(store.clock(), 7, prepared=False):
                 mine.extend(j.id for j in batch)
         except BaseException as exc:  # reported below, with the test's own failure
             errors.append(exc)
 
-    threads = [threading.Thread(target=node, args=(f"n{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=node, args=(store,)) for store in stores]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    first.close()
+    for store in stores:
+        store.close()
     assert not errors, errors
     claimed = [i for ids in got.values() for i in ids]
     assert len(claimed) == 300 and len(set(claimed)) == 300
