@@ -12,6 +12,9 @@ LOOP_TICK_S = 0.5
 LEASE_S = 120.0  # a node holds its jobs this long without renewing; renewed every quarter
 NODE_STATE_FRESH_S = 15.0  # a daemon_state row younger than this is a running daemon
 TICK_BATCH_S = 0.02  # after a wake-up, the worker's scheduler waits this long for more
+# Without news of the queue (a watcher's, or a job this node put back), the scheduler looks at
+# it this often: other nodes' jobs and `blurd retry` send none.
+QUEUE_LOOK_S = 1.0
 
 # watch
 SETTLE_S = 5.0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -154,5 +156,12 @@ class Job:
     @classmethod
     def from_row(cls, row: object) -> Job:
         data = dict(row._mapping)  # type: ignore[attr-defined]
+        data["state"] = JobState(data["state"])
+        return cls(**data)
+
+    @classmethod
+    def from_values(cls, names: Sequence[str], values: Sequence[Any]) -> Job:
+        """A job from a row given as column names and values (as a DBAPI cursor has them)."""
+        data = dict(zip(names, values, strict=True))
         data["state"] = JobState(data["state"])
         return cls(**data)

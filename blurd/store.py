@@ -85,6 +85,7 @@ class Store:
         # takes care of concurrent transactions.
         self._one_at_a_time: threading.Lock | None = None
         self._kept: dict[Engine, Connection] = {}  # SQLite: the connection of each pool, open
+        self._compiled: dict[int, tuple[Any, str, tuple[str, ...], dict[str, Any]]] = {}
         if self._sqlite_path is None:
             # A pre-ping (one more statement per checkout) guards against a server that
             # dropped the connection.
@@ -205,6 +206,38 @@ class Store:
         except OperationalError as exc:
             raise StoreError(f"{self._describe()}: {_short(exc)}") from exc
 
+    def _execute(
+        self, conn: Connection, stmt: Any, params: dict[str, Any]
+    ) -> tuple[int, tuple[str, ...], list[tuple[Any, ...]]]:
+        """Run one of the hot path's statements: (rows changed, column names, rows).
+
+        On SQLite the statement, compiled once, goes straight to the driver's cursor:
+        SQLAlchemy's execution path (compiled-cache lookup, execution context, result
+        objects) cost about twice the statement itself, on every step of every job. Every
+        column here is an integer, a float or a string, which the driver passes as they are.
+        """
+        if self._one_at_a_time is None:
+            result = conn.execute(stmt, params)
+            if not result.returns_rows:
+                return result.rowcount, (), []
+            return result.rowcount, tuple(result.keys()), [tuple(r) for r in result]
+        compiled = self._compiled.get(id(stmt))
+        if compiled is None or compiled[0] is not stmt:
+            sql = stmt.compile(dialect=self.engine.dialect)
+            fixed = {name: b.value for name, b in sql.binds.items() if not b.required}
+            compiled = self._compiled[id(stmt)] = (stmt, sql.string, tuple(sql.positiontup), fixed)
+        _stmt, sql_text, order, fixed = compiled
+        given = {**fixed, **params} if fixed else params
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql_text, [given[name] for name in order])
+            if cursor.description is None:
+                return int(cursor.rowcount), (), []
+            names = tuple(str(d[0]) for d in cursor.description)
+            return int(cursor.rowcount), names, list(cursor.fetchall())
+        finally:
+            cursor.close()
+
     # ------------------------------------------------------------------ writing
 
     def enqueue(self, watch: str, rel_path: str, size: int, mtime_ns: int) -> int | None:
@@ -314,7 +347,7 @@ class Store:
         params.update(k_id=job_id, k_state=expected.value, k_node=self.node)
         params["v_updated_at"] = self.clock()
         with self._tx(engine) as conn:
-            return conn.execute(stmt, params).rowcount == 1
+            return self._execute(conn, stmt, params)[0] == 1
 
     def _mine_or_free(self) -> ColumnElement[bool]:
         # A node whose lease ran out (a long pause, a lost database) must not move a job that
@@ -348,7 +381,9 @@ class Store:
                     free,
                 )
                 .order_by(jobs.c.next_attempt_at, jobs.c.id)
-                .limit(bindparam("k_limit", type_=Integer, literal_execute=True))
+                # Written into the SQL on PostgreSQL, so that its generic plan knows the
+                # limit; SQLite plans every statement with its values.
+                .limit(bindparam("k_limit", type_=Integer, literal_execute=not self.is_sqlite))
                 .with_for_update(skip_locked=True)
             )
             values: dict[str, Any] = dict(
@@ -367,9 +402,9 @@ class Store:
             )
         params = dict(k_now=now, k_limit=limit, v_node=self.node, v_lease=now + self.lease_s)
         with self._tx() as conn:
-            rows = [Job.from_row(r) for r in conn.execute(stmt, params)]
-        rows.sort(key=lambda j: (j.next_attempt_at, j.id))
-        return rows
+            _count, names, found = self._execute(conn, stmt, params)
+        return sorted((Job.from_values(names, v) for v in found),
+                      key=lambda j: (j.next_attempt_at, j.id))  # fmt: skip
 
     def release(self, job_id: int) -> bool:
         """Let go of a queued job this node held for a step that left it queued."""
@@ -490,8 +525,8 @@ class Store:
 
     def get(self, job_id: int) -> Job | None:
         with self._tx() as conn:
-            row = conn.execute(_GET_ONE, {"k_id": job_id}).first()
-        return Job.from_row(row) if row else None
+            _count, names, values = self._execute(conn, _GET_ONE, {"k_id": job_id})
+        return Job.from_values(names, values[0]) if values else None
 
     def get_many(self, ids: Iterable[int]) -> list[Job]:
         """These jobs (those that still exist), in one query."""
@@ -525,8 +560,8 @@ class Store:
                 .limit(1)
             )
         with self._tx() as conn:
-            value = conn.execute(stmt, {"k_now": now}).scalar()
-        return float(value) if value is not None else None
+            _count, _names, values = self._execute(conn, stmt, {"k_now": now})
+        return float(values[0][0]) if values and values[0][0] is not None else None
 
     def counts(self) -> dict[JobState, int]:
         stmt = select(jobs.c.state, func.count()).group_by(jobs.c.state)
@@ -554,8 +589,8 @@ class Store:
         """The newest done job with the same content and options, if any."""
         params = dict(k_sha=sha256, k_fp=fingerprint, k_id=exclude_id)
         with self._tx() as conn:
-            row = conn.execute(_FIND_REUSABLE, params).first()
-        return Job.from_row(row) if row else None
+            _count, names, values = self._execute(conn, _FIND_REUSABLE, params)
+        return Job.from_values(names, values[0]) if values else None
 
     def known_versions(self, watch: str) -> set[tuple[str, int, int]]:
         stmt = select(jobs.c.rel_path, jobs.c.size, jobs.c.mtime_ns).where(jobs.c.watch == watch)

@@ -266,8 +266,9 @@ class FolderWatcher:
         sizes = {rel: size for rel, size, _mtime in versions}
         for job_id, rel in added:
             log.info("job.queued", job_id=job_id, path=rel, watch=self.root, size=sizes[rel])
-        if added:
-            self.on_enqueue()
+        # News for the worker even when another node queued these versions first: with a
+        # shared queue, they may be waiting for this node.
+        self.on_enqueue()
         return len(added)
 
 

@@ -71,11 +71,11 @@ def test_a_backlog_waiting_for_room_costs_almost_no_queries(
 def test_a_job_queued_by_another_process_is_claimed_within_the_idle_wait(tmp_path: Path) -> None:
     """A job made claimable behind the daemon's back (`blurd retry`, another node's watcher)
     sends it no wake-up: its scheduler, which asks the queue only on news, still looks again
-    within `idle_wait_max_s`."""
+    within `queue_look_s`."""
     with FakeBlurIt(job_seconds=0) as fake:
         fake.fail_next("submit", 400, body={"statusCode": 400, "message": "invalid parameters"})
         d = Daemon(tmp_path, fake)
-        d.timing = dataclasses.replace(d.timing, idle_wait_max_s=1.0)
+        d.timing = dataclasses.replace(d.timing, queue_look_s=1.0, idle_wait_max_s=5.0)
         with d:
             (d.inbox / "a.jpg").write_bytes(os.urandom(3000))
             wait_for(lambda: d.counts()[S.FAILED] == 1, timeout=20, what="the refused upload")
