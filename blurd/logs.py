@@ -45,7 +45,8 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.DEBUG if verbose else logging.INFO
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # WriteLogger: one write and flush per line, without print()'s extra work.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     # Libraries' own logging: warnings only, on stderr.

@@ -328,6 +328,14 @@ class Store:
         *,
         engine: Engine | None = None,
     ) -> bool:
+        stmt, params = self._conditional_statement(job_id, expected, fields)
+        with self._tx(engine) as conn:
+            return self._execute(conn, stmt, params)[0] == 1
+
+    def _conditional_statement(
+        self, job_id: int, expected: JobState, fields: dict[str, Any]
+    ) -> tuple[Any, dict[str, Any]]:
+        """The statement and parameters of a conditional update (see _conditional)."""
         names = tuple(sorted(fields))
         stmt = self._updates.get(names)
         if stmt is None:
@@ -346,8 +354,7 @@ class Store:
         params = {f"v_{n}": v for n, v in fields.items()}
         params.update(k_id=job_id, k_state=expected.value, k_node=self.node)
         params["v_updated_at"] = self.clock()
-        with self._tx(engine) as conn:
-            return self._execute(conn, stmt, params)[0] == 1
+        return stmt, params
 
     def _mine_or_free(self) -> ColumnElement[bool]:
         # A node whose lease ran out (a long pause, a lost database) must not move a job that
@@ -591,6 +598,23 @@ class Store:
         with self._tx() as conn:
             _count, names, values = self._execute(conn, _FIND_REUSABLE, params)
         return Job.from_values(names, values[0]) if values else None
+
+    def record_hash(self, job_id: int, sha256: str, fingerprint: str) -> tuple[bool, Job | None]:
+        """A queued job's content is hashed: look for an identical done job and, when there is
+        none, record the hash and hand the job back to every node, in one transaction.
+
+        Returns (recorded, the identical earlier job or None). With an earlier job nothing is
+        recorded: the caller reuses its result, or records the hash with update() if it
+        cannot. ``recorded`` False without an earlier job: the job moved on meanwhile.
+        """
+        find = dict(k_sha=sha256, k_fp=fingerprint, k_id=job_id)
+        fields = dict(sha256=sha256, fingerprint=fingerprint, node=None, lease_until=None)
+        stmt, params = self._conditional_statement(job_id, JobState.QUEUED, fields)
+        with self._tx() as conn:
+            _count, names, values = self._execute(conn, _FIND_REUSABLE, find)
+            if values:
+                return False, Job.from_values(names, values[0])
+            return self._execute(conn, stmt, params)[0] == 1, None
 
     def known_versions(self, watch: str) -> set[tuple[str, int, int]]:
         stmt = select(jobs.c.rel_path, jobs.c.size, jobs.c.mtime_ns).where(jobs.c.watch == watch)

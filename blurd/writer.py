@@ -152,6 +152,13 @@ class TempFile:
         """Flush and close ``.file`` (so ``place()`` sees every byte written); idempotent."""
         self.file.close()
 
+    def seal(self, mode: int) -> None:
+        """Flush, give the final ``mode``, fsync and close: ready for ``_claim``."""
+        self.file.flush()
+        os.fchmod(self.file.fileno(), mode)
+        os.fsync(self.file.fileno())
+        self.file.close()
+
     def discard(self) -> None:
         """Close and remove the temp file, if it is still there."""
         self.close()
@@ -214,7 +221,7 @@ def same_content(a: Path, b: Path) -> bool:
                 return True
 
 
-def _claim(src: Path, target: Path) -> Path:
+def _claim(src: Path, target: Path, *, sync_folder: bool = True) -> Path:
     """Give ``src`` the first free name among ``target``, ``target-1``, … and drop ``src``.
 
     Never overwrites: ``os.link`` fails on a taken name. Where hard links are unsupported it
@@ -222,7 +229,8 @@ def _claim(src: Path, target: Path) -> Path:
     file created under that name between the check and the rename is overwritten (blurd's own
     writers never race there, since each job has its own target). A taken name whose file has
     the same bytes as ``src`` counts as the placement: ``src`` is dropped and that name
-    returned. Cross-device ``src`` raises ``OSError(EXDEV)`` with nothing changed.
+    returned. Cross-device ``src`` raises ``OSError(EXDEV)`` with nothing changed. The folder
+    is fsynced afterwards unless ``sync_folder`` is False (see ``place_bytes_from``).
     """
     use_link = True
     for n in range(_MAX_NUMBERED_NAMES):
@@ -247,7 +255,8 @@ def _claim(src: Path, target: Path) -> Path:
             break
     else:
         raise FileExistsError(errno.EEXIST, "no free numbered name", str(target))
-    _fsync_dir(candidate.parent)
+    if sync_folder:
+        _fsync_dir(candidate.parent)
     return candidate
 
 
@@ -269,15 +278,25 @@ def place(tmp: Path, target: Path) -> Path:
     return _place(tmp, target, FILE_MODE)
 
 
-def place_bytes_from(stream_writer: Callable[[BinaryIO], int], target: Path) -> tuple[Path, int]:
-    """Write a file with ``stream_writer(out) -> bytes written`` and ``place()`` it at ``target``.
+def place_bytes_from(
+    stream_writer: Callable[[BinaryIO], int], target: Path, *, sync_folder: bool = True
+) -> tuple[Path, int]:
+    """Write a file with ``stream_writer(out) -> bytes written`` and place it at ``target`` as
+    ``place()`` does (data fsynced through the open file, then linked).
 
     Returns the final path and the byte count. If anything fails, no temp file is left.
+    ``sync_folder`` False leaves the folder's fsync to the caller: two files placed in one
+    folder, one after the other, need only one (``sync_folder()`` after the second).
     """
     with TempFile(target) as tmp:
         written = stream_writer(tmp.file)
-        tmp.close()
-        return place(tmp.path, target), written
+        tmp.seal(FILE_MODE)
+        return _claim(tmp.path, target, sync_folder=sync_folder), written
+
+
+def sync_folder(path: Path) -> None:
+    """Make the names placed in folder ``path`` durable (after ``sync_folder=False``)."""
+    _fsync_dir(path)
 
 
 # --- originals ---------------------------------------------------------------------------
