@@ -169,6 +169,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.detach:
         from blurd import detach
 
+        # The database is opened (and its schema checked) once before detaching, so that a
+        # refusal reaches the shell that ran the command, not only the log.
+        _store(cfg).close()
         return detach.run_detached(
             cfg, signals, Path(args.pidfile), reload_config=reload_config, verbose=args.verbose
         )

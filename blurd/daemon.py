@@ -161,9 +161,15 @@ class Daemon:
     def run(
         self, *, once: bool, engine: Engine | None, reload_config: Callable[[], Config] | None
     ) -> int:
-        self._refuse_duplicate_node()
+        name, why = self.config.engine_choice()
+        engine_name = engine.name if engine is not None else name
+        self._register_node(engine_name)
+        try:
+            self._refuse_other_engines(engine_name)
+        except BaseException:
+            self.store.clear_daemon_state(self.node)
+            raise
         self._clean_temp_files()
-        _name, why = self.config.engine_choice()
         server = self.metrics.serve(self.config.daemon.metrics)
         try:
             self.engine = engine or make_engine(self.config, self.metrics)
@@ -242,24 +248,53 @@ class Daemon:
 
     # ------------------------------------------------------------------ pieces
 
-    def _refuse_duplicate_node(self) -> None:
-        """Two live daemons with one node id would each take the other's jobs for their own."""
-        other = self.store.daemon_states(defaults.NODE_STATE_FRESH_S).get(self.node)
+    def _register_node(self, engine_name: str) -> None:
+        """Take this daemon's node id in the database before touching any job: two live
+        daemons with one node id would each take the other's jobs for their own."""
+
+        def left_behind(state: dict[str, Any]) -> bool:
+            # Left by this process or by one of this host that died (kill -9).
+            pid = state.get("pid")
+            return state.get("host") == socket.gethostname() and (
+                pid == os.getpid() or not _pid_alive(pid)
+            )
+
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "engine": engine_name}
+        other = self.store.claim_node(self.node, mine, defaults.NODE_STATE_FRESH_S, left_behind)
         if other is None:
             return
-        host, pid = other.get("host"), other.get("pid")
-        if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
-            return  # left by this process or by one that died (kill -9): not a running daemon
         raise ConfigError(
-            f"another daemon already runs as node {self.node!r} on this database (pid {pid} "
-            f"on {host}); give each daemon sharing a database its own [daemon] node_id",
+            f"another daemon already runs as node {self.node!r} on this database (pid "
+            f"{other.get('pid')} on {other.get('host')}); give each daemon sharing a database "
+            "its own [daemon] node_id",
             key="daemon.node_id",
         )
 
+    def _refuse_other_engines(self, engine_name: str) -> None:
+        """Nodes sharing a queue take over each other's jobs: a job at BlurIt adopted by a node
+        running the local engine would be uploaded (and paid for) again, and a local job
+        polled at BlurIt would fail. Every node must run the same engine."""
+        others = self.store.daemon_states(defaults.NODE_STATE_FRESH_S)
+        differ = {n: s["engine"] for n, s in others.items()
+                  if n != self.node and s.get("engine") not in (None, engine_name)}  # fmt: skip
+        if not differ:
+            return
+        names = ", ".join(f"{n} runs {e}" for n, e in sorted(differ.items()))
+        raise ConfigError(
+            f"this node would run the {engine_name} engine, but other nodes on this database "
+            f"do not ({names}); give every node the same engine (and credentials)",
+            key="daemon.engine",
+        )
+
+    def _others_running(self) -> bool:
+        return any(n != self.node for n in self.store.daemon_states(defaults.NODE_STATE_FRESH_S))
+
     def _clean_temp_files(self) -> None:
         # With a shared database, another node may be writing into the same output folders:
-        # only temp files older than a lease are certainly left by a crash.
-        min_age = 0.0 if self.store.is_sqlite else self.store.lease_s
+        # only temp files older than a lease are certainly left by a crash. (Several daemons
+        # may share one SQLite file too, on one machine.)
+        shared = not self.store.is_sqlite or self._others_running()
+        min_age = self.store.lease_s if shared else 0.0
         for w in self.config.watches:
             for folder in (w.output, w.archive):
                 if folder is not None:

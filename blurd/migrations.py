@@ -3,7 +3,8 @@
 The ``blurd_schema`` table records every version applied. A new database is created at the
 newest version in one go (the tables of :mod:`blurd.models`) and recorded as that version; an
 older one is brought forward one recorded step at a time. A step only ever adds (columns,
-indexes, tables), so a daemon still running the previous release keeps working beside it.
+indexes, tables); still, nodes are upgraded with all of them stopped: a daemon of the previous
+release refuses a newer schema, and one left running would ignore what the step added.
 
 On PostgreSQL the whole upgrade is one transaction (DDL is transactional there) under an
 advisory lock, so two nodes upgrading at once apply each step once. SQLite commits each DDL

@@ -72,6 +72,7 @@ class Store:
         """Open the database; ``upgrade``: True applies pending migrations, False refuses an
         older schema, None (the default) upgrades a SQLite file or a new database only: a
         shared database is upgraded on purpose, with `blurd db upgrade`."""
+        url = _with_driver(url)
         self.url = url
         self.clock = clock
         self.node = node or socket.gethostname()
@@ -89,7 +90,13 @@ class Store:
         if self._sqlite_path is None:
             # A pre-ping (one more statement per checkout) guards against a server that
             # dropped the connection.
-            self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            try:
+                self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
+            except ImportError as exc:
+                raise StoreError(
+                    f"{self._describe()}: the database driver is not installed ({exc}); for "
+                    "PostgreSQL: pip install 'blurd[postgres]'"
+                ) from exc
             self._durable = self.engine
         else:
             # SQLite lets one writer in at a time, and a connection that finds the write lock
@@ -428,14 +435,24 @@ class Store:
             return conn.execute(stmt).rowcount == 1
 
     def release_all(self) -> int:
-        """At shutdown: queued jobs this node held go back to everyone."""
-        stmt = (
+        """At a clean stop: queued jobs this node held go back to everyone, and the leases of
+        its other jobs end now, so that another node sharing the queue adopts them at once
+        instead of a lease later. (Restarted under the same id, this node takes back whatever
+        is still its own at start-up.) Returns how many queued jobs it let go."""
+        queued = (
             update(jobs)
             .where(jobs.c.state == JobState.QUEUED.value, jobs.c.node == self.node)
             .values(node=None, lease_until=None)
         )
+        held = (
+            update(jobs)
+            .where(jobs.c.node == self.node, jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+            .values(lease_until=self.clock())
+        )
         with self._tx() as conn:
-            return int(conn.execute(stmt).rowcount)
+            released = int(conn.execute(queued).rowcount)
+            conn.execute(held)
+        return released
 
     def renew_leases(self, now: float) -> int:
         """Extend the lease of every active job this node holds; returns how many it holds."""
@@ -657,6 +674,51 @@ class Store:
 
     # ------------------------------------------------------------------ daemons
 
+    def claim_node(
+        self,
+        node: str,
+        data: dict[str, Any],
+        fresh_s: float,
+        left_behind: Callable[[dict[str, Any]], bool],
+    ) -> dict[str, Any] | None:
+        """Write this daemon's state row as ``node``, unless a running daemon holds that name:
+        then return that daemon's state and write nothing.
+
+        A row counts as a running daemon's when it is younger than ``fresh_s`` and
+        ``left_behind(state)`` is False (the caller knows a dead process of its own host). The
+        look and the write are one conditional step, so that of two daemons starting at once
+        under one name, one is refused.
+        """
+        text = json.dumps(data, sort_keys=True)
+        for _attempt in range(5):
+            now = self.clock()
+            try:
+                with self._tx() as conn:
+                    row = conn.execute(
+                        select(daemon_state).where(daemon_state.c.node == node)
+                    ).first()
+                    if row is None:
+                        conn.execute(
+                            insert(daemon_state).values(node=node, data=text, updated_at=now)
+                        )
+                        return None
+                    other: dict[str, Any] = json.loads(row.data)
+                    if row.updated_at >= now - fresh_s and not left_behind(other):
+                        return other
+                    moved = conn.execute(
+                        update(daemon_state)
+                        .where(
+                            daemon_state.c.node == node,
+                            daemon_state.c.updated_at == row.updated_at,
+                        )
+                        .values(data=text, updated_at=now)
+                    ).rowcount
+                    if moved == 1:
+                        return None
+            except IntegrityError:
+                pass  # another daemon inserted the row between our look and our write
+        raise StoreError(f"{self._describe()}: could not register node {node!r}: it kept changing")
+
     def save_daemon_state(self, node: str, data: dict[str, Any]) -> None:
         """What a running daemon wants `blurd status` to show (engine, auth, pauses)."""
         text = json.dumps(data, sort_keys=True)
@@ -713,6 +775,15 @@ def _moving(new: JobState, fields: dict[str, Any]) -> dict[str, Any]:
         values.setdefault("node", None)
         values.setdefault("lease_until", None)
     return values
+
+
+def _with_driver(url: str) -> str:
+    """A PostgreSQL URL without a driver names psycopg 3 (the `postgres` extra): SQLAlchemy's
+    own default would be psycopg2, which blurd does not install."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
 
 
 def _prepare_sqlite_file(url: str) -> Path | None:

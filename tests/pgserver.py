@@ -28,13 +28,19 @@ def _bindir() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    # The newest major version: "15" after "9.6", so by number, not by text.
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_major_version)
     if not candidates:
         raise RuntimeError(
             "PostgreSQL is not installed (no initdb): install Debian's `postgresql` package; "
             "scripts/test does this when it runs as root"
         )
     return Path(candidates[-1]).parent
+
+
+def _major_version(initdb: str) -> tuple[int, ...]:
+    version = Path(initdb).parent.parent.name
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
 def _free_port() -> int:
@@ -63,7 +69,8 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
-                  "-A", "trust", "--no-sync", "-E", "UTF8")  # fmt: skip
+                  "-A", "trust", "--no-sync", "-E", "UTF8",
+                  "--locale=C")  # fmt: skip  # the C locale exists on every machine
         opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-c",
                 f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
         if not self.durable:

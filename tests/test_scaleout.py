@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,13 @@ def fake() -> Iterator[FakeBlurIt]:
 
 
 def start_node(
-    tmp_path: Path, fake: FakeBlurIt, url: str, node: str, *args: str
+    tmp_path: Path, fake: FakeBlurIt, url: str, node: str, *args: str, daemon_extra: str = ""
 ) -> subprocess.Popen[bytes]:
     """`blurd run` as node ``node`` on the shared folder and database."""
     conf = tmp_path / f"{node}.toml"
     conf.write_text(
         f'[daemon]\ndatabase = "{url}"\nnode_id = "{node}"\nlease_seconds = {LEASE_S}\n'
-        f"max_in_flight = 4\n"
+        f"max_in_flight = 4\n{daemon_extra}"
         f'[blurit]\nurl = "{fake.url}"\n'
         f'[[watch]]\npath = "{tmp_path}/in"\noutput = "{tmp_path}/out"\nsettle_seconds = 0.3\n'
     )
@@ -129,20 +131,28 @@ def test_three_daemons_on_one_folder_upload_each_file_once(
 def test_a_node_killed_mid_run_has_its_jobs_finished_by_the_others(
     tmp_path: Path, fake: FakeBlurIt, postgres: Any
 ) -> None:
-    """kill -9 on a node holding jobs at the API: once its lease runs out, the others poll
-    those jobs by their remote id (no second upload) and finish everything."""
+    """kill -9 on a node holding jobs at the API: once its lease runs out (not before), the
+    others, already running, poll those jobs by their remote id (no second upload) and finish
+    everything."""
     fake.job_seconds = 3.0
     url = postgres.new_database()
     files = drop_files(tmp_path, 24)
     victim = start_node(tmp_path, fake, url, "victim")
-    held = wait_for(
+    wait_for(
         lambda: [j for j in jobs(url) if j.node == "victim" and j.state is S.PROCESSING],
         timeout=30, what="the victim holding jobs at the API",
     )  # fmt: skip
+    others = [start_node(tmp_path, fake, url, f"n{i}") for i in range(2)]
+    for i in range(2):
+        wait_for(lambda i=i: '"daemon.ready"' in (tmp_path / f"n{i}.log").read_text(),
+                 timeout=30, what=f"n{i} ready")  # fmt: skip
+    held = [j for j in jobs(url) if j.node == "victim" and j.state is S.PROCESSING]
+    killed_at = time.time()
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
     held_ids = {j.id for j in held}
-    run_until_done([start_node(tmp_path, fake, url, f"n{i}") for i in range(2)], url, 24, 120)
+    assert held_ids, "the victim held no job at the API when it was killed"
+    run_until_done(others, url, 24, 120)
     rows = {j.id: j for j in jobs(url)}
     for job_id in held_ids:
         row = rows[job_id]
@@ -155,24 +165,51 @@ def test_a_node_killed_mid_run_has_its_jobs_finished_by_the_others(
     log = "".join((tmp_path / f"n{i}.log").read_text() for i in range(2))
     taken = [json.loads(line) for line in log.splitlines() if "jobs.taken_over" in line]
     assert sum(e["resumed_processing"] for e in taken) >= len(held_ids)
+    # The victim renewed its lease every LEASE_S / 4: it ran out no earlier than that.
+    first = min(datetime.fromisoformat(e["timestamp"]).timestamp() for e in taken)
+    assert first >= killed_at + 0.75 * LEASE_S - 0.1, "taken over before the lease ran out"
 
 
-def test_a_second_daemon_with_the_same_node_id_is_refused(
+def test_two_daemons_started_at_once_with_one_node_id_let_one_run(
     tmp_path: Path, fake: FakeBlurIt, postgres: Any
 ) -> None:
-    """Two live daemons may not share a node id: the second exits 2 naming the key."""
+    """Two live daemons may not share a node id, even when they start at the same moment
+    (the id is taken in one conditional step before any job is touched): one exits 2 naming
+    the key, the other runs on."""
     url = postgres.new_database()
     (tmp_path / "in").mkdir()
-    first = start_node(tmp_path, fake, url, "same")
+    pair = [start_node(tmp_path, fake, url, "same") for _ in range(2)]
     try:
+        wait_for(lambda: any(p.poll() is not None for p in pair), timeout=30,
+                 what="one of the two refused")  # fmt: skip
+        refused = [p for p in pair if p.poll() is not None]
+        assert [p.returncode for p in refused] == [cli.EXIT_CONFIG]
         wait_for(lambda: '"daemon.ready"' in (tmp_path / "same.log").read_text(), timeout=30,
-                 what="the first daemon ready")  # fmt: skip
-        wait_for(lambda: Store(url).daemon_states(15.0), timeout=15, what="its state saved")
-        second = start_node(tmp_path, fake, url, "same")
-        assert second.wait(timeout=30) == cli.EXIT_CONFIG
+                 what="the other one ready")  # fmt: skip
+        assert all(p.poll() is None for p in pair if p not in refused)
     finally:
-        stop_all([first])
+        codes = stop_all(pair)
+    assert sorted(codes, key=str) == sorted([0, cli.EXIT_CONFIG], key=str)
     assert "daemon.node_id" in (tmp_path / "same.log").read_text()
+
+
+def test_a_node_with_another_engine_is_refused(
+    tmp_path: Path, fake: FakeBlurIt, postgres: Any
+) -> None:
+    """A node that would run another engine than the running ones exits 2 naming
+    daemon.engine: it would upload again (and pay again for) the BlurIt jobs it took over."""
+    url = postgres.new_database()
+    (tmp_path / "in").mkdir()
+    first = start_node(tmp_path, fake, url, "cloud")
+    try:
+        wait_for(lambda: '"daemon.ready"' in (tmp_path / "cloud.log").read_text(), timeout=30,
+                 what="the BlurIt node ready")  # fmt: skip
+        local = start_node(tmp_path, fake, url, "cpu", daemon_extra='engine = "local"\n')
+        assert local.wait(timeout=30) == cli.EXIT_CONFIG
+    finally:
+        assert stop_all([first]) == [0]
+    text = (tmp_path / "cpu.log").read_text()
+    assert "daemon.engine" in text and "cloud runs blurit" in text
 
 
 def test_db_upgrade_and_version_commands(
@@ -189,10 +226,15 @@ def test_db_upgrade_and_version_commands(
     assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_FAIL
     assert "schema version 1 (this blurd: 2)" in capsys.readouterr().out
     (tmp_path / "in").mkdir()
-    run = ["run", "--config", str(conf), "--inbox", str(tmp_path / "in"),
-           "--outbox", str(tmp_path / "out"), "--once"]  # fmt: skip
-    assert cli.main(run) == cli.EXIT_FAIL
-    assert "`blurd db upgrade`" in capsys.readouterr().err
+    # `blurd run` in its own process: run in this one, it would leave structlog's cached
+    # loggers writing to this test's captured (then closed) stdout.
+    run = subprocess.run(
+        [sys.executable, "-m", "blurd", "run", "--config", str(conf), "--inbox",
+         str(tmp_path / "in"), "--outbox", str(tmp_path / "out"), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == cli.EXIT_FAIL
+    assert "`blurd db upgrade`" in run.stderr
     assert cli.main(["db", "upgrade", "--config", str(conf)]) == cli.EXIT_OK
     assert "from schema version 1 to 2" in capsys.readouterr().out
     assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_OK

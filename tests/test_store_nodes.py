@@ -127,6 +127,29 @@ def test_a_lapsed_node_s_jobs_are_taken_over_from_their_state(
         b.close()
 
 
+def test_a_node_that_stops_cleanly_hands_its_jobs_over_at_once(
+    db_url: str, clock: FakeClock
+) -> None:
+    """release_all (a clean stop) lets go of a's queued jobs and ends the lease of its job at
+    the engine: b adopts that one at its next look, not a lease later."""
+    a, b = _store(db_url, "a", clock), _store(db_url, "b", clock)
+    try:
+        polled = _at_engine(a, "p.jpg")
+        waiting = a.enqueue("w", "q.jpg", 1, 1)
+        assert waiting is not None and a.claim(clock(), 1, prepared=False)
+        assert not any(b.take_over(clock(), keeps_remote_jobs=True).values())
+        assert a.release_all() == 1
+        clock.advance(0.1)
+        assert b.take_over(clock(), keeps_remote_jobs=True)["resumed_processing"] == 1
+        row = b.get(polled)
+        assert row is not None and row.node == "b" and row.remote_id == "r-p.jpg"
+        free = b.get(waiting)
+        assert free is not None and free.node is None and free.state is S.QUEUED
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_forgetful_engine_s_jobs_are_requeued_on_take_over(
     db_url: str, clock: FakeClock
 ) -> None:
