@@ -609,13 +609,6 @@ class Store:
         with self._tx() as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
-    def find_reusable(self, sha256: str, fingerprint: str, exclude_id: int) -> Job | None:
-        """The newest done job with the same content and options, if any."""
-        params = dict(k_sha=sha256, k_fp=fingerprint, k_id=exclude_id)
-        with self._tx() as conn:
-            _count, names, values = self._execute(conn, _FIND_REUSABLE, params)
-        return Job.from_values(names, values[0]) if values else None
-
     def record_hash(self, job_id: int, sha256: str, fingerprint: str) -> tuple[bool, Job | None]:
         """A queued job's content is hashed: look for an identical done job and, when there is
         none, record the hash and hand the job back to every node, in one transaction.

@@ -195,7 +195,6 @@ class Worker:
         self._prepares = 0  # prepare steps queued or running
         self._leases_due_at = 0.0
         self._held: dict[int, float] = {}  # jobs at the engine held by this node -> due time
-        self._claim_lock = threading.Lock()  # one claim for uploads at a time: room is shared
         # When a claim of queued jobs (hashed: True, not yet: False) may next find one. A claim
         # that comes back short sets it from the queue's next due time; news that the queue may
         # have changed (see _queue_news) brings it forward. Between the two the queue is not
@@ -287,9 +286,8 @@ class Worker:
             # Claim only what the pool will start soon: the rest stays free for other nodes.
             want = 2 * self.io_threads - self._prepares
         hash_more = self._claim(now, want, prepared=False)
-        with self._claim_lock:
-            room = self._upload_room(now) if api_ok else 0
-            upload_more = self._claim(now, room, prepared=True)
+        room = self._upload_room(now) if api_ok else 0  # only this thread claims uploads
+        upload_more = self._claim(now, room, prepared=True)
         if hash_more or upload_more:
             return defaults.TICK_BATCH_S  # more is due than there was room for this time
         return self._wait_hint(now, hashing=want > 0, uploading=room > 0)
@@ -560,9 +558,8 @@ class Worker:
         """Upload a job that the claim moved to ``uploading``; store its remote id at once."""
         if self._stopping or not self._may_send(job):
             # Claimed ahead, but the daemon is stopping or the engine refuses uploads now (bad
-            # credentials, a 402 and this job is not the probe): back to the queue, unsent.
-            if self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0):
-                self._queue_news(True)
+            # credentials, a 402 and this job is not the probe).
+            self._unsent(job)
             return
         watch, path = self._source(job)
         log.info("job.uploading", job_id=job.id, path=job.rel_path, size=job.size)
@@ -577,8 +574,7 @@ class Worker:
             return
         except AuthError as exc:
             self._pause_auth(str(exc))
-            if self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0):
-                self._queue_news(True)
+            self._unsent(job)
             return
         except TransientApiError as exc:
             self._retry_later(job, S.UPLOADING, str(exc), exc.retry_after_s, to=S.QUEUED)
@@ -624,6 +620,10 @@ class Worker:
             )
         self.payment_paused_until = self.clock() + self.timing.payment_probe_s
         self._payment_probe = None
+        self._unsent(job)
+
+    def _unsent(self, job: Job) -> None:
+        """An upload that was not sent goes back to the queue, due at once (no retry delay)."""
         if self.store.transition(job.id, S.UPLOADING, S.QUEUED, next_attempt_at=0.0):
             self._queue_news(True)
 

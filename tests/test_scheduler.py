@@ -68,7 +68,7 @@ def test_a_backlog_waiting_for_room_costs_almost_no_queries(
     assert counter.count < 3.0 * 25, f"{counter.count} statements in 3 s while waiting"
 
 
-def test_a_job_queued_by_another_process_is_claimed_within_the_idle_wait(tmp_path: Path) -> None:
+def test_a_job_queued_by_another_process_is_claimed_within_a_queue_look(tmp_path: Path) -> None:
     """A job made claimable behind the daemon's back (`blurd retry`, another node's watcher)
     sends it no wake-up: its scheduler, which asks the queue only on news, still looks again
     within `queue_look_s`."""
