@@ -65,3 +65,26 @@ class PaymentRequired(ApiError):
 
 class UnknownJob(ApiError):
     """The engine no longer knows this job id: it goes back to the queue."""
+
+
+class JobRefused(ApiError):
+    """403 on submit, poll or result: this one job is refused (a WAF rule, a forbidden file),
+    not the account. The job backs off and, after a few refusals, fails; other jobs go on."""
+
+
+class PossiblySubmitted(TransientApiError):
+    """A submit that may have created a job at the API although no job id came back: a
+    timeout or dropped connection after the body was sent, a 502 or 504, a 2xx reply that is
+    not JSON or carries no id. Retried a bounded number of times, each logged as a possible
+    double charge; never treated as "not sent"."""
+
+
+class ResultMissing(TransientApiError):
+    """404 on a result file: the job is polled again; only a status saying the job is unknown
+    sends it back to the queue."""
+
+
+class BadResult(ApiError):
+    """A 2xx reply whose body is not what was due: empty, HTML, not JSON where JSON is due,
+    shorter than announced, or not the media type expected. Never placed; retried a bounded
+    number of times, then the job fails."""

@@ -9,7 +9,9 @@ An engine works in three steps, each of which may be retried by the worker:
     (the worker puts the job back in the queue).
 ``fetch(remote_id, status, part, out) -> int``
     Streams one result part (``"media"`` or ``"detections"``) into ``out`` and returns the
-    byte count. A short or broken transfer raises ``TransientApiError``.
+    byte count. A short or broken transfer raises ``TransientApiError``. An engine that learns
+    the part's size before writing it calls ``announce(out, size)`` first, so that a sink can
+    refuse a download its disk has no room for before a byte is fetched.
 
 Errors are those of ``blurd.errors``: ``TransientApiError`` (retry with backoff),
 ``PermanentApiError`` (the job fails), ``AuthError``, ``PaymentRequired``, ``UnknownJob``.
@@ -83,3 +85,11 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release sessions, pools and temp files."""
+
+
+def announce(out: BinaryIO, size: int) -> None:
+    """Tell ``out`` how many bytes are coming, if it wants to know (the worker's sinks check the
+    free space of the output folder and raise ``OSError(ENOSPC)`` when it is short)."""
+    expect = getattr(out, "expect", None)
+    if callable(expect):
+        expect(size)
