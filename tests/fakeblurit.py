@@ -2,7 +2,9 @@
 
 Routes: POST /login, POST /token, POST and GET /innovation-service/anonymization,
 GET /innovation-service/result/<name>. Tokens expire server-side; refresh tokens rotate;
-both encodings of nested fields are accepted; faults can be switched on per route.
+both encodings of nested fields are accepted; faults can be switched on per route: an error
+status, a dropped connection, a late answer, a request served as usual but answered with a
+mangled body, and a server that stops taking connections.
 The anonymized media is ``b"BLURRED:" + sha256_hex(input) + b"\\n" + input``.
 
 Uploads are spooled to a temp file and parsed in chunks, so a 1 GiB upload never sits in
@@ -69,12 +71,13 @@ class Req:
 
 @dataclass
 class _Fault:
-    kind: str  # "fail" | "drop" | "delay"
+    kind: str  # "fail" | "drop" | "delay" | "garble"
     count: int
     status: int = 0
     body: Any = None
     retry_after: Any = None
     seconds: float = 0.0
+    content_type: str = ""
 
 
 @dataclass
@@ -278,6 +281,10 @@ class FakeBlurIt:
         self.chaos_faults = 0  # faults injected by chaos()
         self.payment_required = False
         self.wrong_credentials = False
+        # text around each token and refresh token in login/refresh replies (the server keeps
+        # the bare token): a sloppy API that pads them with whitespace
+        self.token_padding = ("", "")
+        self.result_content_length = True  # False: results end when the connection closes
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._tokens: dict[str, float] = {}  # access token -> expiry (monotonic)
@@ -292,6 +299,7 @@ class FakeBlurIt:
         self.logins = 0  # successful logins
         self.refreshes = 0  # successful refreshes
         self._server: _Server | None = None
+        self._fillers: list[socket.socket] = []  # stop_accepting(): sockets to close at stop
         self._tmp: str | None = None
 
     # life cycle
@@ -313,6 +321,9 @@ class FakeBlurIt:
                 with contextlib.suppress(OSError):  # wakes handlers waiting on idle clients
                     conn.shutdown(socket.SHUT_RDWR)
             self._server = None
+        for sock in self._fillers:
+            sock.close()
+        self._fillers.clear()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -342,6 +353,42 @@ class FakeBlurIt:
 
     def delay_next(self, route: str, seconds: float, count: int = 1) -> None:
         self._add_fault(route, _Fault("delay", count, seconds=seconds))
+
+    def garble_next(
+        self,
+        route: str,
+        body: bytes | str | dict[str, Any],
+        *,
+        status: int = 200,
+        content_type: str = "application/json; charset=utf-8",
+        count: int = 1,
+    ) -> None:
+        """The next ``count`` requests to ``route`` are served as usual (a submit creates its
+        job, a login issues its token) but answered with ``status`` and ``body`` as given."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        data = data.encode() if isinstance(data, str) else data
+        self._add_fault(route, _Fault("garble", count, status, data, content_type=content_type))
+
+    def stop_accepting(self) -> None:
+        """From now on the server takes no new connection: its listen queue is full, so a
+        client's connect times out (the kernel drops its SYNs). Open connections are closed."""
+        assert self._server is not None
+        server, self._server = self._server, None
+        server.shutdown()  # the socket stays open and listening, but nothing accepts
+        for conn in list(server.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        address = server.server_address
+        while True:  # fill the accept queue; a connect that hangs shows it is full
+            probe = socket.socket()
+            probe.settimeout(0.2)
+            try:
+                probe.connect(address)
+            except OSError:
+                probe.close()
+                break
+            self._fillers.append(probe)
+        self._fillers.append(server.socket)
 
     def truncate_next_download(self, count: int = 1) -> None:
         with self._lock:
@@ -395,13 +442,16 @@ class FakeBlurIt:
                 raise _Refusal(404, f"Cannot {h.command} {split.path}")
             elif route == "submit":
                 assert spool is not None
-                self._reply(h, 200, self._submit(h, spool))
+                self._answer(h, self._submit(h, spool), fault)
                 spool = None  # the job owns it now
+            elif route == "result" and fault and fault.kind == "garble":
+                self._authorize(h)
+                self._answer(h, None, fault)
             elif route == "result":
                 self._result(h, unquote(split.path[len(RESULT_PREFIX) :]))
             else:
                 handler = {"login": self._login, "token": self._token, "status": self._status}
-                self._reply(h, 200, handler[route](h, body, parse_qs(split.query)))
+                self._answer(h, handler[route](h, body, parse_qs(split.query)), fault)
         except _Refusal as refusal:
             self._refuse(h, refusal)
         except OSError:
@@ -476,14 +526,19 @@ class FakeBlurIt:
         self,
         h: _Handler,
         status: int,
-        length: int,
+        length: int | None,
         ctype: str,
         headers: dict[str, str] | None = None,
     ) -> None:
+        """Status and headers; a ``length`` of None ends the body with the connection."""
         self._record(h, status)
         h.send_response(status)
         h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(length))
+        if length is None:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        else:
+            h.send_header("Content-Length", str(length))
         for name, value in (headers or {}).items():
             h.send_header(name, value)
         h.end_headers()
@@ -501,6 +556,13 @@ class FakeBlurIt:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self._send_head(h, status, len(data), ctype, headers)
         h.wfile.write(data)
+
+    def _answer(self, h: _Handler, payload: Any, fault: _Fault | None) -> None:
+        """A 200 with ``payload``, or what a "garble" fault says instead."""
+        if fault and fault.kind == "garble":
+            self._reply(h, fault.status, fault.body, ctype=fault.content_type)
+        else:
+            self._reply(h, 200, payload)
 
     def _refuse(self, h: _Handler, refusal: _Refusal, retry_after: Any = None) -> None:
         try:
@@ -529,7 +591,11 @@ class FakeBlurIt:
             self._tokens[token] = time.monotonic() + self.token_lifetime_s
             self._refresh_tokens[refresh] = token
         lifetime = self.token_lifetime_s
-        reply: dict[str, Any] = {"token": token, "refreshToken": refresh}
+        before, after = self.token_padding
+        reply: dict[str, Any] = {
+            "token": before + token + after,
+            "refreshToken": before + refresh + after,
+        }
         if self.expiry_field:
             reply[self.expiry_field] = int(lifetime) if lifetime == int(lifetime) else lifetime
         return reply
@@ -645,7 +711,11 @@ class FakeBlurIt:
                 "options": upload.options,
                 "detections": detections,
             }
-            self._reply(h, 200, json.dumps(doc).encode(), ctype="application/json")
+            data = json.dumps(doc).encode()
+            self._send_head(
+                h, 200, len(data) if self.result_content_length else None, "application/json"
+            )
+            h.wfile.write(data)
             return
         head = b"BLURRED:" + upload.sha256.encode() + b"\n"
         total = len(head) + upload.size
@@ -653,7 +723,7 @@ class FakeBlurIt:
             truncate = self._truncations > 0
             self._truncations -= int(truncate)
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        self._send_head(h, 200, total, ctype)
+        self._send_head(h, 200, total if self.result_content_length else None, ctype)
         budget, left, data = (total // 2 if truncate else total), upload.size, head
         with job.spool.open("rb") as f:
             f.seek(job.offset)

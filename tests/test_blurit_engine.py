@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,18 @@ from structlog.testing import capture_logs
 
 from blurd.engines.base import Phase, RemoteStatus
 from blurd.engines.blurit import BlurItEngine
-from blurd.engines.blurit_auth import retry_after_s
+from blurd.engines.blurit_http import retry_after_s
 from blurd.errors import (
     ApiError,
     AuthError,
+    BadResult,
+    JobRefused,
     PaymentRequired,
     PermanentApiError,
+    PossiblySubmitted,
     RejectedInput,
+    ResultMissing,
     TransientApiError,
-    UnknownJob,
 )
 from blurd.options import Area, Options
 from tests.conftest import FakeClock, wait_for
@@ -181,12 +185,75 @@ def test_failed_refresh_falls_back_to_a_fresh_login(fake: FakeBlurIt, engine: Bl
     assert (fake.refreshes, fake.logins) == (0, 2)
 
 
-def test_second_401_after_renewal_is_an_auth_error(fake: FakeBlurIt, engine: BlurItEngine) -> None:
-    """Only one replay: a 401 to the renewed token raises AuthError."""
+def test_second_401_with_good_credentials_refuses_only_that_request(
+    fake: FakeBlurIt, engine: BlurItEngine
+) -> None:
+    """A 401 to the renewed token is checked by a fresh login; when that works, the request is
+    JobRefused (status 401, the API's words), it is not sent a third time, and the account
+    stays usable."""
+    engine.check()
     fake.fail_next("status", 401, count=2)
-    with pytest.raises(AuthError):
+    with pytest.raises(JobRefused, match="poll failed: 401 Unauthorized") as caught:
         engine.poll("some-id")
-    assert statuses(fake, JOB) == [401, 401]
+    assert caught.value.status == 401
+    assert [(r.path, r.status) for r in fake.requests[1:]] == [
+        (JOB, 401),
+        ("/token", 200),
+        (JOB, 401),
+        ("/login", 200),
+    ]
+    assert engine.describe()["auth"] == "ok"
+    assert engine.poll("some-id").phase == Phase.UNKNOWN
+
+
+def test_second_401_with_bad_credentials_is_an_auth_error(
+    fake: FakeBlurIt, engine: BlurItEngine
+) -> None:
+    """A 401 to the renewed token, then a login refused with 401: AuthError, "bad credentials"."""
+    engine.check()
+    fake.fail_next("status", 401, count=2)
+    fake.wrong_credentials = True
+    with pytest.raises(AuthError, match="login refused: 401 Invalid credentials"):
+        engine.poll("some-id")
+    assert statuses(fake)[-1] == 401 and fake.requests[-1].path == "/login"
+    assert engine.describe()["auth"] == "bad credentials"
+
+
+@pytest.mark.parametrize("route", ["submit", "status", "result"])
+def test_403_refuses_only_that_request(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path, route: str
+) -> None:
+    """403 on submit, poll or result is JobRefused with the API's words and status 403: no
+    renewal, no login, the account stays "ok" and the next request goes through."""
+    job_id = engine.submit(image, Options())
+    status = finished(engine, job_id)
+    body = {"statusCode": 403, "error": "Forbidden", "message": "blocked by rule 7"}
+    fake.fail_next(route, 403, body=body)
+    calls: dict[str, Callable[[], Any]] = {
+        "submit": lambda: engine.submit(image, Options()),
+        "status": lambda: engine.poll(job_id),
+        "result": lambda: engine.fetch(job_id, status, "media", io.BytesIO()),
+    }
+    with pytest.raises(JobRefused, match="failed: 403 blocked by rule 7") as caught:
+        calls[route]()
+    assert caught.value.status == 403
+    assert (fake.logins, fake.refreshes) == (1, 0)
+    assert engine.describe()["auth"] == "ok"
+    calls[route]()
+
+
+@pytest.mark.parametrize("route", ["login", "token"])
+def test_403_at_login_or_refresh_means_bad_credentials(fake: FakeBlurIt, route: str) -> None:
+    """403 from /login is AuthError; 403 from /token falls back to a login, whose 403 is too."""
+    engine = make_engine(fake)
+    if route == "token":
+        engine.check()
+        fake.expire_all_tokens()
+    fake.fail_next(route, 403)
+    fake.fail_next("login", 403)
+    with pytest.raises(AuthError, match="403"):
+        engine.poll("some-id")
+    assert engine.describe()["auth"] == "bad credentials"
 
 
 def test_threads_hitting_an_expired_token_share_one_refresh(
@@ -264,6 +331,116 @@ def test_server_errors_are_transient_even_without_json(
     fake.fail_next("status", 502, body="<html>upstream down</html>")
     with pytest.raises(TransientApiError, match="502 Bad Gateway"):
         engine.poll("some-id")
+
+
+def test_submit_read_timeout_is_possibly_submitted(fake: FakeBlurIt, image: Path) -> None:
+    """A submit whose reply is later than the upload read timeout is PossiblySubmitted: the
+    server got the whole body and does create the job."""
+    engine = make_engine(fake, upload_read_timeout_s=0.3)
+    engine.check()
+    fake.delay_next("submit", 1.0)
+    with pytest.raises(PossiblySubmitted, match="ReadTimeout"):
+        engine.submit(image, Options())
+    wait_for(lambda: fake.uploads, what="the late job to be created")
+
+
+def test_submit_dropped_after_sending_is_possibly_submitted(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path
+) -> None:
+    """A connection closed after the upload, without a reply, is PossiblySubmitted."""
+    engine.check()
+    fake.drop_next("submit")
+    with pytest.raises(PossiblySubmitted, match="ConnectionError"):
+        engine.submit(image, Options())
+    assert statuses(fake, JOB) == [None]
+
+
+@pytest.mark.parametrize("code", [502, 504])
+def test_submit_gateway_errors_are_possibly_submitted(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path, code: int
+) -> None:
+    """502 and 504 on submit are PossiblySubmitted (the gateway lost the answer, not the
+    request), still transient, with their status and Retry-After."""
+    fake.fail_next("submit", code, body="<html>gateway</html>", retry_after=3)
+    with pytest.raises(PossiblySubmitted, match=f"{code}") as caught:
+        engine.submit(image, Options())
+    assert isinstance(caught.value, TransientApiError)
+    assert (caught.value.status, caught.value.retry_after_s) == (code, 3.0)
+
+
+@pytest.mark.parametrize("code", [500, 503, 429])
+def test_submit_500_503_429_are_plain_transient(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path, code: int
+) -> None:
+    """500, 503 and 429 on submit count as not sent: TransientApiError, not PossiblySubmitted."""
+    fake.fail_next("submit", code)
+    with pytest.raises(TransientApiError) as caught:
+        engine.submit(image, Options())
+    assert type(caught.value) is TransientApiError and caught.value.status == code
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type"),
+    [
+        (200, b"", "application/json"),
+        (200, "<html><body>Welcome</body></html>", "text/html"),
+        (200, b"not json", "application/json"),
+        (200, b'["client_test-SRV_ANONYMIZATION-1"]', "application/json"),
+        (200, {"anonymization_job_id": ""}, "application/json"),
+        (200, {"anonymization_job_id": 42}, "application/json"),
+        (201, {"id": "client_test-SRV_ANONYMIZATION-1"}, "application/json"),
+        (204, b"", "application/json"),
+    ],
+)
+def test_submit_2xx_without_a_usable_job_id_is_possibly_submitted(
+    fake: FakeBlurIt,
+    engine: BlurItEngine,
+    image: Path,
+    status: int,
+    body: Any,
+    content_type: str,
+) -> None:
+    """A 2xx submit reply that is empty, HTML, not a JSON object or has no usable id is
+    PossiblySubmitted with the reply's status: never "not sent", never permanent."""
+    fake.garble_next("submit", body, status=status, content_type=content_type)
+    with pytest.raises(PossiblySubmitted, match="the job may exist") as caught:
+        engine.submit(image, Options())
+    assert caught.value.status == status
+    assert len(fake.uploads) == 1  # the API did create the job
+
+
+def test_submit_to_a_refused_connection_is_not_sent(image: Path) -> None:
+    """A submit that cannot connect (nothing listening) is plain TransientApiError: not sent."""
+    with FakeBlurIt() as fake:
+        engine = make_engine(fake, connect_timeout_s=1)
+        engine.check()
+    with pytest.raises(TransientApiError, match="ConnectionError") as caught:
+        engine.submit(image, Options())
+    assert type(caught.value) is TransientApiError
+
+
+def test_submit_connect_timeout_is_not_sent(fake: FakeBlurIt, image: Path) -> None:
+    """A submit whose connect times out is plain TransientApiError, and nothing arrived."""
+    engine = make_engine(fake, connect_timeout_s=0.3)
+    engine.check()
+    fake.stop_accepting()
+    with pytest.raises(TransientApiError, match="ConnectTimeout") as caught:
+        engine.submit(image, Options())
+    assert type(caught.value) is TransientApiError
+    assert fake.uploads == []
+
+
+@pytest.mark.parametrize(
+    "body", [b"", "<html>maintenance</html>", b"[]", b'"Succeeded"', b"{truncated"]
+)
+def test_poll_reply_that_is_not_a_json_object_is_bad_result(
+    fake: FakeBlurIt, engine: BlurItEngine, body: Any
+) -> None:
+    """A 200 poll reply that is not a JSON object is BadResult, not a transient error."""
+    fake.garble_next("status", body, content_type="text/html")
+    with pytest.raises(BadResult, match="poll: the 200 reply is not a JSON object"):
+        engine.poll("some-id")
+    assert engine.poll("some-id").phase == Phase.UNKNOWN
 
 
 def test_dropped_connection_is_transient(fake: FakeBlurIt, engine: BlurItEngine) -> None:
@@ -366,11 +543,75 @@ def test_truncated_download_is_transient_and_retriable(
     assert engine.fetch(job_id, status, "media", out) == total
 
 
-def test_result_gone_is_unknown_job(engine: BlurItEngine) -> None:
-    """A 404 on the result file raises UnknownJob (the job goes back to the queue)."""
+def test_result_gone_is_result_missing(engine: BlurItEngine) -> None:
+    """A 404 on the result file raises ResultMissing (status 404), which is transient."""
     status = RemoteStatus(Phase.SUCCEEDED, media_name="0000-gone.jpg")
-    with pytest.raises(UnknownJob):
+    with pytest.raises(ResultMissing) as caught:
         engine.fetch("x", status, "media", io.BytesIO())
+    assert caught.value.status == 404 and isinstance(caught.value, TransientApiError)
+
+
+def test_result_404_while_the_job_still_succeeded_is_result_missing(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path
+) -> None:
+    """A 404 on a result whose job the API still calls Succeeded is ResultMissing; the poll
+    still says Succeeded and the next fetch works."""
+    job_id = engine.submit(image, Options())
+    status = finished(engine, job_id)
+    fake.fail_next("result", 404)
+    with pytest.raises(ResultMissing):
+        engine.fetch(job_id, status, "media", io.BytesIO())
+    assert engine.poll(job_id).phase == Phase.SUCCEEDED
+    out = io.BytesIO()
+    engine.fetch(job_id, status, "media", out)
+    assert out.getvalue() == blurred(image.read_bytes())
+
+
+class SizeAwareSink(io.BytesIO):
+    """A sink that wants the size before the bytes, as the worker's sinks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced: list[tuple[int, int]] = []  # (size, bytes written when told)
+
+    def expect(self, size: int) -> None:
+        self.announced.append((size, self.tell()))
+
+
+def test_result_size_is_announced_before_the_first_byte(engine: BlurItEngine, image: Path) -> None:
+    """With a Content-Length, fetch tells the sink the size once, before writing anything."""
+    job_id = engine.submit(image, Options())
+    status = finished(engine, job_id)
+    sink = SizeAwareSink()
+    total = engine.fetch(job_id, status, "media", sink)
+    assert sink.announced == [(total, 0)]
+    assert total == len(blurred(image.read_bytes()))
+
+
+def test_result_without_content_length_is_fetched_unannounced(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path
+) -> None:
+    """A 200 result without Content-Length (ended by closing) is fetched whole; no size is
+    announced."""
+    job_id = engine.submit(image, Options())
+    status = finished(engine, job_id)
+    fake.result_content_length = False
+    sink = SizeAwareSink()
+    assert engine.fetch(job_id, status, "media", sink) == len(blurred(image.read_bytes()))
+    assert sink.getvalue() == blurred(image.read_bytes()) and sink.announced == []
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_empty_result_is_bad_result(
+    fake: FakeBlurIt, engine: BlurItEngine, image: Path, with_length: bool
+) -> None:
+    """A 2xx result with an empty body (Content-Length 0 or none) is BadResult."""
+    job_id = engine.submit(image, Options())
+    status = finished(engine, job_id)
+    fake.result_content_length = with_length
+    fake.garble_next("result", b"", content_type="image/jpeg")
+    with pytest.raises(BadResult, match="download: the 200 reply is empty"):
+        engine.fetch(job_id, status, "media", io.BytesIO())
 
 
 @pytest.mark.parametrize("name", ["", "..", ".", "a/b", None])
@@ -517,7 +758,7 @@ def test_secrets_never_appear_in_errors_logs_or_repr(fake: FakeBlurIt, image: Pa
     assert [type(e).__name__ for e in errors] == [
         "TransientApiError",
         "TransientApiError",
-        "AuthError",
+        "JobRefused",
         "TransientApiError",
         "TransientApiError",
         "PermanentApiError",
@@ -552,3 +793,70 @@ def test_proxy_settings_come_from_the_environment_at_start(
     direct.check()  # NO_PROXY was read at its start and still holds
     with pytest.raises(TransientApiError):
         proxied.check()
+
+
+def test_tokens_padded_with_whitespace_are_stripped(image: Path) -> None:
+    """Whitespace around the token and refresh token of a login/refresh reply is dropped: the
+    bearer header carries the bare token, and the refresh token still refreshes."""
+    with FakeBlurIt() as fake:
+        fake.token_padding = (" ", "\r\n")
+        engine = make_engine(fake)
+        engine.check()
+        assert engine.poll("some-id").phase == Phase.UNKNOWN
+        fake.expire_all_tokens()
+        assert engine.poll("some-id").phase == Phase.UNKNOWN
+        assert (fake.logins, fake.refreshes) == (1, 1)
+        sent = [r.authorization for r in fake.requests if r.path == JOB]
+        assert all(a and a.startswith("Bearer ") and a == a.strip() for a in sent)
+        assert statuses(fake, JOB) == [200, 401, 200]
+
+
+SECRET = "SECRETTOKEN"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"token": SECRET + "\nrest"},  # a newline inside survives the strip
+        {"token": SECRET + "\x00tail"},
+        {"token": SECRET + "\u00e9"},
+        {"token": SECRET + " tail"},
+        {"token": " \t\n"},
+        {"token": 12345},
+        {"token": "goodtoken", "refreshToken": SECRET + "\x7f"},
+    ],
+)
+def test_unusable_login_token_is_refused_without_leaking_it(
+    fake: FakeBlurIt, reply: dict[str, Any]
+) -> None:
+    """A login reply whose token (or refresh token) is empty or holds a byte a header cannot
+    carry is TransientApiError("... unusable token"), not AuthError; the token is in no
+    exception text, no exception in the chain and no log event."""
+    engine = make_engine(fake)
+    fake.garble_next("login", {**reply, "expireTime": 3600})
+    with capture_logs() as logs, pytest.raises(TransientApiError) as caught:
+        engine.poll("some-id")
+    assert type(caught.value) is TransientApiError
+    assert str(caught.value) == "BlurIt login: the reply carries an unusable token"
+    everything = "".join(traceback.format_exception(caught.value))
+    chained = [caught.value.__cause__, caught.value.__context__]
+    everything += repr(chained) + repr(logs) + repr(engine) + repr(engine.describe())
+    assert SECRET not in everything
+    assert statuses(fake, JOB) == []  # nothing was sent with it
+    assert engine.poll("some-id").phase == Phase.UNKNOWN  # the next login is fine
+
+
+def test_unusable_refreshed_token_falls_back_to_login_without_leaking_it(
+    fake: FakeBlurIt, engine: BlurItEngine
+) -> None:
+    """A refresh reply with an unusable token is logged (without the token) as a failed
+    refresh; a fresh login takes over and the request succeeds."""
+    engine.check()
+    fake.expire_all_tokens()
+    fake.garble_next("token", {"token": SECRET + "\x01", "refreshToken": "r", "expireTime": 60})
+    with capture_logs() as logs:
+        assert engine.poll("some-id").phase == Phase.UNKNOWN
+    assert (fake.logins, fake.refreshes) == (2, 1)
+    failed = [e for e in logs if e["event"] == "auth.failed"]
+    assert failed and "token refresh: the reply carries an unusable token" in failed[0]["error"]
+    assert SECRET not in repr(logs)

@@ -253,3 +253,54 @@ def test_large_upload_is_parsed_in_chunks() -> None:
         url = status(fake, token, job_id)["output_media"]
         got = requests.get(url, headers=bearer(token), timeout=10).content
         assert got.endswith(media)
+
+
+def test_garbled_replies_serve_the_request_but_mangle_the_answer(fake: FakeBlurIt) -> None:
+    """garble_next runs the route as usual (the login counts, the job exists) but answers
+    with the given status, body and content type, once."""
+    fake.garble_next("login", {"token": "x\n"})
+    response = requests.post(f"{fake.url}/login", json=CREDS, timeout=5)
+    assert (response.status_code, response.json()) == (200, {"token": "x\n"})
+    assert fake.logins == 1
+    token = login(fake)["token"]
+    fake.garble_next("submit", "<html>hi</html>", status=201, content_type="text/html")
+    response = submit(fake, token, {})
+    assert (response.status_code, response.text) == (201, "<html>hi</html>")
+    assert response.headers["Content-Type"] == "text/html"
+    assert len(fake.uploads) == 1
+    assert submit(fake, token, {}).json()["anonymization_job_id"]
+    url = status(fake, token, fake.uploads[0].job_id)["output_media"]
+    fake.garble_next("result", b"")
+    assert requests.get(url, headers=bearer(token), timeout=5).content == b""
+    assert requests.get(url, headers=bearer(token), timeout=5).content.startswith(b"BLURRED:")
+
+
+def test_token_padding_surrounds_tokens_but_the_server_keeps_them_bare(fake: FakeBlurIt) -> None:
+    """token_padding wraps both tokens in replies; the bare token is what authorizes."""
+    fake.token_padding = (" ", "\n")
+    body = login(fake)
+    assert body["token"].startswith(" ") and body["token"].endswith("\n")
+    assert body["refreshToken"].startswith(" ") and body["refreshToken"].endswith("\n")
+    assert status(fake, body["token"].strip(), "x")["status"] == "Unknown job"
+
+
+def test_results_can_come_without_content_length(fake: FakeBlurIt) -> None:
+    """With result_content_length off, results carry no Content-Length and end at close."""
+    token = login(fake)["token"]
+    reply = submit(fake, token, {"output_detections_url": "true"}, b"abc")
+    job_id = reply.json()["anonymization_job_id"]
+    fake.result_content_length = False
+    done = status(fake, token, job_id)
+    for url in (done["output_media"], done["output_json"]):
+        got = requests.get(url, headers=bearer(token), timeout=5)
+        assert got.status_code == 200 and "Content-Length" not in got.headers
+        assert got.content
+    assert got.json()["filename"] == "photo.jpg"
+
+
+def test_stop_accepting_makes_connects_time_out(fake: FakeBlurIt) -> None:
+    """After stop_accepting, a new connection cannot even be made: the connect times out."""
+    login(fake)
+    fake.stop_accepting()
+    with pytest.raises(requests.ConnectTimeout):
+        requests.post(f"{fake.url}/login", json=CREDS, timeout=(0.3, 5))

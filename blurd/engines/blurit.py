@@ -3,7 +3,7 @@
 Every call has a timeout; the token is kept fresh by ``TokenKeeper``; a request answered 401
 is replayed once after a renewal. Nothing here sleeps or retries otherwise: backoff is the
 worker's job. Results are fetched by file name through the configured URL, so the bearer
-token never goes to another host.
+token never goes to another host. How failures map to errors is in ``blurit_http``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,23 @@ from requests_toolbelt import MultipartEncoder
 from urllib3 import encode_multipart_formdata
 
 from blurd import defaults
-from blurd.engines.base import Engine, Part, Phase, RemoteStatus
-from blurd.engines.blurit_auth import BearerAuth, Timeout, TokenKeeper, api_error
+from blurd.engines.base import Engine, Part, Phase, RemoteStatus, announce
+from blurd.engines.blurit_auth import BearerAuth, Timeout, TokenKeeper
+from blurd.engines.blurit_http import (
+    api_error,
+    api_message,
+    json_object,
+    submit_error,
+    submitted_job_id,
+)
 from blurd.errors import (
+    ApiError,
+    BadResult,
+    JobRefused,
     PermanentApiError,
     RejectedInput,
+    ResultMissing,
     TransientApiError,
-    UnknownJob,
 )
 from blurd.options import Options
 
@@ -42,6 +52,7 @@ RESULT_PATH = "/innovation-service/result/"
 PENDING_WORDS = frozenset({"sent", "started", "retried"})
 
 BodyFactory = Callable[[], Any]  # a context manager yielding (body, content type)
+ErrorMap = Callable[[str, requests.RequestException], ApiError]
 
 
 def upload_name(path: Path) -> str:
@@ -103,21 +114,25 @@ class BlurItEngine(Engine):
             "submit",
             body=lambda: self._multipart(path, options),
             timeout=self._upload_timeout,
+            errors=submit_error,
         )
         with response:
-            if response.status_code not in (200, 201):
-                raise api_error("submit", response)
-            job_id = self._json(response, "submit").get("anonymization_job_id")
-        if not isinstance(job_id, str) or not job_id:
-            raise PermanentApiError("BlurIt submit: the reply carries no anonymization_job_id")
-        return job_id
+            if not _success(response):
+                raise submit_error("submit", response)
+            return submitted_job_id(response)
 
     def poll(self, remote_id: str) -> RemoteStatus:
         response = self._send("GET", JOB_PATH, "poll", params={"anonymization_job_id": remote_id})
         with response:
-            if response.status_code != 200:
+            if not _success(response):
                 raise api_error("poll", response)
-            return self._status(self._json(response, "poll"))
+            body = json_object(response)
+            if body is None:
+                status = response.status_code
+                raise BadResult(
+                    f"BlurIt poll: the {status} reply is not a JSON object", status=status
+                )
+            return self._status(body)
 
     def fetch(self, remote_id: str, status: RemoteStatus, part: Part, out: BinaryIO) -> int:
         name = status.media_name if part == "media" else status.detections_name
@@ -126,8 +141,10 @@ class BlurItEngine(Engine):
         response = self._send("GET", RESULT_PATH + quote(name, safe=""), "download", stream=True)
         with response:
             if response.status_code == 404:
-                raise UnknownJob(f"BlurIt result file gone: {name}", status=404)
-            if response.status_code != 200:
+                # A result may be missing for a while (not yet stored, served by a node that
+                # lags); only a status saying the job is unknown sends it back to the queue.
+                raise ResultMissing(f"BlurIt result file not found: {name}", status=404)
+            if not _success(response):
                 raise api_error("download", response)
             return self._stream(response, out)
 
@@ -157,16 +174,30 @@ class BlurItEngine(Engine):
         body: BodyFactory | None = None,
         timeout: Timeout | None = None,
         stream: bool = False,
+        errors: ErrorMap = api_error,
     ) -> requests.Response:
-        """One request with a fresh token; a 401 renews the token and replays it once."""
+        """One request with a fresh token; a 401 renews the token and replays it once.
+
+        A renewed token refused again is either bad credentials or a refusal of this one
+        request (a gateway rule, a job of another account). A fresh login tells them apart:
+        it raises ``AuthError`` (all API work pauses) or succeeds, and then only this request
+        is refused. The request is not sent a third time: an upload may be gigabytes, and the
+        worker retries a refused job with backoff anyway."""
+        call = (method, path, action, params, body, timeout, stream, errors)
         token = self._auth.bearer()
-        response = self._request(token, method, path, action, params, body, timeout, stream)
+        response = self._request(token, *call)
         if response.status_code != 401:
             return response
         response.close()
         self._auth.rejected(token)
         token = self._auth.bearer()
-        return self._request(token, method, path, action, params, body, timeout, stream)
+        response = self._request(token, *call)
+        if response.status_code != 401:
+            return response
+        with response:
+            message = f"BlurIt {action} failed: 401 {api_message(response)}"
+        self._auth.verify(token)
+        raise JobRefused(message, status=401)
 
     def _request(
         self,
@@ -178,6 +209,7 @@ class BlurItEngine(Engine):
         body: BodyFactory | None,
         timeout: Timeout | None,
         stream: bool,
+        errors: ErrorMap,
     ) -> requests.Response:
         with ExitStack() as stack:
             data, headers = None, {}
@@ -196,7 +228,7 @@ class BlurItEngine(Engine):
                     allow_redirects=False,
                 )
             except requests.RequestException as exc:
-                raise api_error(action, exc) from exc
+                raise errors(action, exc) from exc
 
     @staticmethod
     @contextmanager
@@ -225,16 +257,6 @@ class BlurItEngine(Engine):
                 yield encoder, encoder.content_type
 
     @staticmethod
-    def _json(response: requests.Response, action: str) -> dict[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise TransientApiError(f"BlurIt {action}: the reply is not a JSON object")
-        return body
-
-    @staticmethod
     def _status(body: dict[str, Any]) -> RemoteStatus:
         raw = str(body.get("status") or "")
         word = raw.strip().lower()
@@ -259,9 +281,15 @@ class BlurItEngine(Engine):
 
     @staticmethod
     def _stream(response: requests.Response, out: BinaryIO) -> int:
-        """Copy the body into ``out``; a body shorter than announced is a transient error."""
+        """Copy the body into ``out``; a body shorter than announced is a transient error, an
+        empty one a bad result."""
         announced = response.headers.get("Content-Length")
         expected = int(announced) if announced and announced.isdigit() else None
+        encoded = bool(response.headers.get("Content-Encoding"))
+        if expected is not None and not encoded:
+            # the sink checks its free space before a byte comes; under a Content-Encoding the
+            # length counts the compressed bytes, not what lands on disk
+            announce(out, expected)
         written = 0
         try:
             for chunk in response.iter_content(defaults.DOWNLOAD_CHUNK_BYTES):
@@ -272,9 +300,12 @@ class BlurItEngine(Engine):
                 raise _truncated(written, expected) from exc
             raise api_error("download", exc) from exc
         # Content-Length counts the bytes on the wire, before any Content-Encoding is undone
-        received = response.raw.tell() if response.headers.get("Content-Encoding") else written
+        received = response.raw.tell() if encoded else written
         if expected is not None and received != expected:
             raise _truncated(received, expected)
+        if written == 0:
+            status = response.status_code
+            raise BadResult(f"BlurIt download: the {status} reply is empty", status=status)
         return written
 
 
@@ -297,6 +328,10 @@ def _form_fields(options: Options) -> list[tuple[str, str]]:
     blur["smooth_padding"] = options.padding
     fields.append(("blur_type", json.dumps(blur)))
     return fields
+
+
+def _success(response: requests.Response) -> bool:
+    return 200 <= response.status_code < 300
 
 
 def _bool(value: bool) -> str:

@@ -1,38 +1,30 @@
-"""BlurIt authentication, and the mapping of HTTP failures to blurd errors.
+"""BlurIt authentication.
 
 ``TokenKeeper`` logs in, keeps the access token with its expiry and renews it before it
 expires (so no request is sent with a dead token), and again when the API answers 401.
 Renewal is a refresh (``POST /token`` with the old bearer, even if expired), else a fresh
 login. One thread at a time renews ("single flight"); the threads that waited on the lock
-reuse what it got. Tokens and the secret never reach a log line, a message or a repr.
+reuse what it got. Tokens and the secret never reach a log line, a message or a repr; a token
+that could not travel in a header is refused before anything tries to send it.
 """
 
 from __future__ import annotations
 
-import email.utils
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any
 
 import requests
 import structlog
 
 from blurd import defaults
-from blurd.errors import (
-    ApiError,
-    AuthError,
-    PaymentRequired,
-    PermanentApiError,
-    TransientApiError,
-)
+from blurd.engines.blurit_http import api_error, api_message, json_object
+from blurd.errors import ApiError, AuthError, TransientApiError
 
 log = structlog.get_logger(__name__)
 
 Timeout = tuple[float, float]  # (connect, read) seconds
-MESSAGE_MAX_CHARS = 300
 
 
 class BearerAuth(requests.auth.AuthBase):
@@ -47,63 +39,6 @@ class BearerAuth(requests.auth.AuthBase):
 
     def __repr__(self) -> str:
         return "BearerAuth(***)"
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def api_message(response: requests.Response) -> str:
-    """The API's own words: NestJS ``message`` (maybe a list), else ``error``, else the reason."""
-    reason = response.reason or _phrase(response.status_code)
-    try:
-        body = response.json()
-    except ValueError:
-        return f"{response.status_code} {reason}"
-    detail: Any = None
-    if isinstance(body, dict):
-        detail = body.get("message") or body.get("error")
-    if isinstance(detail, list):
-        detail = "; ".join(str(item) for item in detail)
-    text = str(detail) if detail else reason
-    return text[:MESSAGE_MAX_CHARS]
-
-
-def api_error(action: str, failure: requests.Response | requests.RequestException) -> ApiError:
-    """The one mapping from a failed HTTP exchange to a blurd error (DESIGN.md section 6)."""
-    if isinstance(failure, requests.RequestException):
-        detail = f"{type(failure).__name__}: {failure}"[:MESSAGE_MAX_CHARS]
-        return TransientApiError(f"BlurIt {action}: {detail}")
-    status = failure.status_code
-    message = f"BlurIt {action} failed: {status} {api_message(failure)}"
-    if status in (408, 429) or status >= 500:
-        retry = retry_after_s(failure.headers.get("Retry-After"))
-        return TransientApiError(message, status=status, retry_after_s=retry)
-    if status == 402:
-        return PaymentRequired(message, status=status)
-    if status in (401, 403):
-        return AuthError(message, status=status)
-    return PermanentApiError(message, status=status)
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "HTTP error"
 
 
 class TokenKeeper:
@@ -151,6 +86,16 @@ class TokenKeeper:
             if token == self._token:
                 log.info("auth.rejected")
                 self._renew()
+
+    def verify(self, token: str) -> None:
+        """The API refused ``token`` although it was just renewed: log in afresh, which raises
+        ``AuthError`` if the credentials are what is wrong. Nothing to do when another thread
+        has got a good token since (the lock makes this single flight too)."""
+        with self._lock:
+            if token == self._token or self._token is None:
+                log.info("auth.rejected_again")
+                self._login()
+                self._on_renewed()
 
     def login(self) -> None:
         """Log in now, whatever the current token (``blurd check``)."""
@@ -216,24 +161,25 @@ class TokenKeeper:
             raise api_error("token refresh", exc) from exc
         with response:
             if response.status_code not in (200, 201):
-                raise api_error("token refresh", response)
+                raise api_error("token refresh", response, credentials=True)
             self._store(response, started, "token refresh")
         log.info("auth.refreshed", expires_in_s=self.expires_in_s())
 
     def _store(self, response: requests.Response, started: float, action: str) -> None:
         """Keep the new token; its lifetime counts from before the request was sent."""
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        token = body.get("token") if isinstance(body, dict) else None
-        if not isinstance(token, str) or not token:
+        body = json_object(response)
+        if body is None or body.get("token") is None:
             raise TransientApiError(f"BlurIt {action}: the reply carries no token")
-        assert isinstance(body, dict)
+        token = _header_safe(body["token"])
+        new_refresh = body.get("refreshToken")
+        refresh = None if _blank(new_refresh) else _header_safe(new_refresh)
+        if token is None or (refresh is None and not _blank(new_refresh)):
+            # the value stays out of the message, the log and the exception chain: it may be
+            # a working credential with one stray byte
+            raise TransientApiError(f"BlurIt {action}: the reply carries an unusable token")
         lifetime = _lifetime_s(body)
         self._token = token
-        refresh = body.get("refreshToken")
-        if isinstance(refresh, str) and refresh:
+        if refresh is not None:  # a reply without one leaves the one we have
             self._refresh_token = refresh
         self._expires_at = started + lifetime
         margin = min(
@@ -256,3 +202,19 @@ def _lifetime_s(body: dict[str, Any]) -> float:
         if seconds > 0:
             return seconds
     return defaults.TOKEN_LIFETIME_DEFAULT_S
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _header_safe(value: object) -> str | None:
+    """A token without its surrounding whitespace, or None when it is empty or holds a byte a
+    header cannot carry (control characters, non-ASCII, inner spaces): requests would refuse
+    such a header with an error that quotes it."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or not all("!" <= char <= "~" for char in value):
+        return None
+    return value
