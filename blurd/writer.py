@@ -1,4 +1,4 @@
-"""Placing files durably: output names, temp files, no-overwrite placement, originals policy.
+"""Placing files durably: output names, temp files, no-overwrite placement.
 
 Every result is written to a temp file in its target folder (named ``.blurd-…``, so watchers
 and media servers skip it), fsynced, then given its final name with ``os.link``, which fails
@@ -16,7 +16,6 @@ import errno
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -297,67 +296,6 @@ def place_bytes_from(
 def sync_folder(path: Path) -> None:
     """Make the names placed in folder ``path`` durable (after ``sync_folder=False``)."""
     _fsync_dir(path)
-
-
-# --- originals ---------------------------------------------------------------------------
-
-
-def _copy_across(source: Path, dest: Path) -> Path:
-    """Copy ``source`` (mode and times kept) to a free name at ``dest`` on another device."""
-    st = source.lstat()
-    with TempFile(dest) as tmp:
-        with source.open("rb") as src:
-            shutil.copyfileobj(src, tmp.file, _COPY_CHUNK_BYTES)
-        tmp.close()
-        os.utime(tmp.path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        return _place(tmp.path, dest, stat.S_IMODE(st.st_mode))
-
-
-def apply_originals(
-    policy: str, source: Path, rel_path: str, archive_root: Path | None
-) -> Path | None:
-    """Apply a watch's ``originals`` policy to the source file once its outputs are placed.
-
-    Contract: the caller calls this only after every output of the job is durably in place
-    (``place()`` returned), since "move" and "delete" take the original out of the watch folder.
-
-    - ``"keep"``: nothing happens.
-    - ``"move"``: the file goes to ``<archive_root>/<rel_path>``, never overwriting (same
-      ``-N`` and identical-file rules as ``place()``); on the same device it keeps its inode,
-      across devices it is copied (mode and times kept), fsynced and placed, then the source is
-      unlinked. Returns the new location. A missing source raises ``FileNotFoundError``: the
-      archive cannot vouch for it.
-    - ``"delete"``: the file is unlinked (already gone is fine: the policy's goal holds).
-
-    Raises ``ValueError`` for an unknown policy or "move" without ``archive_root``, and
-    ``RejectedInput`` for a ``rel_path`` that could leave the archive.
-    """
-    if policy == "keep":
-        return None
-    if policy == "delete":
-        try:
-            source.unlink()
-        except FileNotFoundError:
-            return None
-        _fsync_dir(source.parent)
-        return None
-    if policy != "move":
-        raise ValueError(f"unknown originals policy {policy!r} (keep, move or delete)")
-    if archive_root is None:
-        raise ValueError(f"originals = 'move' needs an archive folder (moving {source})")
-    rel = _safe_rel(rel_path)
-    dest = _inside(archive_root, archive_root.joinpath(*rel.parts))
-    source.lstat()  # a missing source fails here, naming it, before any folder is created
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        final = _claim(source, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        final = _copy_across(source, dest)
-        source.unlink()
-    _fsync_dir(source.parent)
-    return final
 
 
 # --- start-up clean-up -------------------------------------------------------------------
