@@ -9,7 +9,10 @@ MAX_UPLOADS = 2
 MAX_IN_FLIGHT = 32
 RESCAN_INTERVAL_S = 300.0
 LOOP_TICK_S = 0.5
+RETENTION_DAYS = 90.0  # finished jobs older than this are pruned (what reuse needs is kept)
+PRUNE_EVERY_S = 3600.0
 LEASE_S = 120.0  # a node holds its jobs this long without renewing; renewed every quarter
+TWIN_WAIT_S = 5.0  # a job whose identical twin is in flight looks again this much later
 NODE_STATE_FRESH_S = 15.0  # a daemon_state row younger than this is a running daemon
 TICK_BATCH_S = 0.02  # after a wake-up, the worker's scheduler waits this long for more
 # Without news of the queue (a watcher's, or a job this node put back), the scheduler looks at
@@ -42,6 +45,14 @@ POLL_GROWTH = 1.5
 AUTH_RETRY_S = 300.0  # login retried this often while credentials are wrong
 PAYMENT_PROBE_S = 30.0  # a 402 pause probes again this often
 UNKNOWN_JOB_MAX_REQUEUES = 3
+REFUSED_MAX_ATTEMPTS = 4  # a job answered 403 this many times in a row fails
+BAD_RESULT_MAX_ATTEMPTS = 5  # a 2xx body that is not what was due, this many times: failed
+# Submits that may each have created a job at the API (timeout after the body was sent, 502,
+# 504, a 2xx reply without a job id): at most this many, each logged as a possible double charge.
+POSSIBLY_SUBMITTED_MAX = 3
+TRANSFER_RETRIES = 2  # a broken download is fetched again at once this often, then backs off
+OUTPUT_PAUSE_S = 30.0  # uploads pause this long after an output could not be written
+DATABASE_RETRY_MAX_S = 5.0  # while the database is away, a step's outcome is retried this often
 UNSEEN_STATUS_MAX_POLLS = 100
 
 # input

@@ -49,8 +49,19 @@ def _v2_node_and_lease(conn: Connection) -> None:
         _create_index(conn, index)
 
 
+def _v3_identity_and_retention(conn: Connection) -> None:
+    for column in ("dev", "ino", "ctime_ns"):
+        _add_column(conn, "jobs", column, "BIGINT")
+    _create_index(conn, "ix_jobs_retention")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "jobs.node and jobs.lease_until: which daemon holds a job", _v2_node_and_lease),
+    Migration(
+        3,
+        "jobs.dev, jobs.ino and jobs.ctime_ns: the file hashed; an index for retention",
+        _v3_identity_and_retention,
+    ),
 )
 assert MIGRATIONS[-1].version == SCHEMA_VERSION
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 2  # the newest migration in blurd.migrations
+SCHEMA_VERSION = 3  # the newest migration in blurd.migrations
 
 
 class JobState(enum.StrEnum):
@@ -92,10 +93,17 @@ jobs = Table(
     # that uploaded it for as long as that node renews the lease.
     Column("node", String(255)),
     Column("lease_until", Float),
+    # The file's identity (st_dev, st_ino, st_ctime_ns) when it was hashed: a later look can
+    # tell the same file unchanged from one replaced in place. Signed 64-bit (see file_identity).
+    Column("dev", BigInteger),
+    Column("ino", BigInteger),
+    Column("ctime_ns", BigInteger),
     UniqueConstraint("watch", "rel_path", "size", "mtime_ns", name="uq_jobs_version"),
     Index("ix_jobs_state_due", "state", "next_attempt_at"),
     Index("ix_jobs_content", "sha256", "fingerprint", "state"),
     Index("ix_jobs_node", "node", "state"),
+    # Retention walks finished jobs from the oldest update on (Store.prune).
+    Index("ix_jobs_retention", "state", "updated_at"),
     # The two claim queries (DESIGN.md: scale-out) walk these in due order and stop at the
     # first free row, however long the queue: queued jobs waiting to be hashed, and hashed
     # ones waiting for an upload. Partial, so the rest of the table is not in them.
@@ -122,6 +130,18 @@ schema_info = Table(
     Column("version", Integer, primary_key=True),
     Column("applied_at", Float, nullable=False),
 )
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int]:
+    """(dev, ino, ctime_ns) of a file as the jobs table stores it: each folded into a signed
+    64-bit integer, since device and inode numbers are unsigned and may use the top bit."""
+    return int64(st.st_dev), int64(st.st_ino), int64(st.st_ctime_ns)
+
+
+def int64(value: int) -> int:
+    """``value`` modulo 2**64, as a signed 64-bit integer (BigInteger's range)."""
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,9 @@ class Job:
     updated_at: float
     node: str | None = None
     lease_until: float | None = None
+    dev: int | None = None
+    ino: int | None = None
+    ctime_ns: int | None = None
 
     @classmethod
     def from_row(cls, row: object) -> Job:

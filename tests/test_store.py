@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from blurd.errors import InvalidTransition, StoreError
-from blurd.models import TRANSITIONS, JobState
+from blurd.models import TRANSITIONS, JobState, file_identity
 from blurd.store import Store
 
 S = JobState
@@ -149,3 +149,25 @@ def test_orphans_of_a_forgetful_engine_go_back_to_the_queue_unpenalised(store: S
         assert row.remote_id is None and row.requeues == 0
     done = store.get(ids["done"])
     assert done is not None and done.state is S.DONE
+
+
+def test_the_file_identity_is_recorded_with_the_hash(tmp_path: Path, store: Store) -> None:
+    """record_hash stores the file's (dev, ino, ctime_ns) as file_identity reads them; without
+    an identity it keeps the one stored; update() records one too, folded into signed 64 bits."""
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"x")
+    st = path.stat()
+    identity = file_identity(st)
+    assert identity == (st.st_dev, st.st_ino, st.st_ctime_ns)  # small enough to stay as they are
+    job = store.enqueue("w", "a.jpg", 1, 1)
+    assert job is not None
+    assert store.record_hash(job, "a" * 64, "f", identity=identity) == (True, None)
+    row = store.get(job)
+    assert row is not None and (row.dev, row.ino, row.ctime_ns) == identity
+    assert store.record_hash(job, "b" * 64, "f") == (True, None)
+    row = store.get(job)
+    assert row is not None and row.sha256 == "b" * 64
+    assert (row.dev, row.ino, row.ctime_ns) == identity
+    assert store.update(job, S.QUEUED, dev=2**63, ino=5, ctime_ns=6)
+    row = store.get(job)
+    assert row is not None and (row.dev, row.ino, row.ctime_ns) == (-(2**63), 5, 6)
