@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from blurd.defaults import TEMP_PREFIX
 from blurd.errors import RejectedInput
+from blurd.models import int64
 from blurd.writer import numbered, same_content
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -60,11 +61,12 @@ class Version:
     @classmethod
     def of(cls, st: os.stat_result) -> Version:
         """The version described by ``st`` (an ``lstat`` of the file being hashed)."""
-        return cls(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, int64(st.st_dev), int64(st.st_ino))
 
     def matches(self, st: os.stat_result) -> bool:
         """Whether ``st`` is a regular file and this version of it."""
-        same_id = self.dev in (None, st.st_dev) and self.ino in (None, st.st_ino)
+        # dev and ino as the jobs table stores them: folded into signed 64 bits
+        same_id = self.dev in (None, int64(st.st_dev)) and self.ino in (None, int64(st.st_ino))
         same_data = (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
         return stat.S_ISREG(st.st_mode) and same_data and same_id
 
