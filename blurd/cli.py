@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -306,14 +307,19 @@ def cmd_db(args: argparse.Namespace) -> int:
             before, after = store.schema_change
             print(f"the database went from schema version {before or 'none'} to {after}")
         return EXIT_OK
-    engine = create_engine(url)
+    name = "daemon.database"  # until the URL is known to parse: never print a password
     try:
-        with engine.connect() as conn:
-            version = migrations.current_version(conn)
+        name = _safe_url(url)
+        # The driver the store uses (psycopg 3), not SQLAlchemy's default for postgresql://.
+        engine = create_engine(re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url))
+        try:
+            with engine.connect() as conn:
+                version = migrations.current_version(conn)
+        finally:
+            engine.dispose()
     except Exception as exc:
-        raise StoreError(f"cannot read the schema version: {exc}") from exc
-    finally:
-        engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise StoreError(f"{name}: cannot read the schema version: {reason}") from exc
     print(f"schema version {version or 'none'} (this blurd: {SCHEMA_VERSION})")
     return EXIT_OK if version == SCHEMA_VERSION else EXIT_FAIL
 

@@ -5,16 +5,14 @@ Every error names the file and the key. Secrets are resolved here, once, and nev
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blurd import defaults
+from blurd import defaults, layout
 from blurd.errors import ConfigError
 from blurd.options import STYLES, Area, Options
 
@@ -35,6 +33,7 @@ class DaemonConfig:
     log_file: str = ""  # with `run --detach`; "" = blurd.log beside the default database
     node_id: str = ""  # this daemon's name among those sharing a database; "" = the host name
     lease_seconds: float = defaults.LEASE_S
+    retention_days: float = defaults.RETENTION_DAYS  # finished jobs older than this are pruned
 
 
 @dataclass(frozen=True)
@@ -153,14 +152,17 @@ def parse(
     watch_items = raw.get("watch", [])
     if not isinstance(watch_items, list):
         raise r.error("watch", "must be an array of tables: write [[watch]]")
-    watches = [_watch(r, item, f"watch[{i}]") for i, item in enumerate(watch_items)]
+    named = [(f"watch[{i}]", item) for i, item in enumerate(watch_items)]
     if inbox or outbox:
         if not (inbox and outbox):
             raise ConfigError("--inbox and --outbox go together", key="--inbox/--outbox")
-        watches.append(_watch(r, {"path": inbox, "output": outbox}, "--inbox/--outbox"))
+        named.append(("--inbox/--outbox", {"path": inbox, "output": outbox}))
+    watches = [_watch(r, item, label) for label, item in named]
     if not watches and require_watches:
         raise r.error("watch", "no folder to watch: add a [[watch]] table or use --inbox/--outbox")
-    _check_overlaps(r, watches)
+    pairs = zip(named, watches, strict=True)
+    folders = [layout.Folders(n, w.path, w.output, w.archive) for (n, _), w in pairs]
+    layout.check_layout(folders, source)
     if daemon.engine == "blurit" and not blurit.has_credentials:
         raise r.error(
             "daemon.engine",
@@ -190,24 +192,6 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-def default_database_url(env: Mapping[str, str]) -> str:
-    """$STATE_DIRECTORY under systemd, else $XDG_STATE_HOME/blurd (~/.local/state/blurd)."""
-    if env.get("STATE_DIRECTORY"):
-        base = Path(env["STATE_DIRECTORY"].split(":")[0])
-    elif env.get("XDG_STATE_HOME"):
-        base = Path(env["XDG_STATE_HOME"]) / "blurd"
-    else:
-        base = Path(env.get("HOME", "~")).expanduser() / ".local" / "state" / "blurd"
-    return database_url(str(base / "blurd.db"))
-
-
-def database_url(value: str) -> str:
-    """Any SQLAlchemy URL; a bare path means SQLite."""
-    if "://" in value:
-        return value
-    return "sqlite:///" + str(Path(value).expanduser().absolute())
-
-
 # ---------------------------------------------------------------------------- sections
 
 
@@ -216,13 +200,13 @@ def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonC
         t,
         "daemon",
         {"engine", "database", "max_uploads", "max_in_flight", "metrics", "log_file", "node_id",
-         "lease_seconds"},
+         "lease_seconds", "retention_days"},
     )  # fmt: skip
     engine = r.get(t, "daemon", "engine", str, None)
     if engine is not None and engine not in ENGINES:
         raise r.error("daemon.engine", f"must be one of {', '.join(ENGINES)}, not {engine!r}")
     database = r.get(t, "daemon", "database", str, "")
-    url = database_url(database) if database else default_database_url(env)
+    url = layout.database_url(database) if database else layout.default_database_url(env)
     max_uploads = r.get(t, "daemon", "max_uploads", int, defaults.MAX_UPLOADS)
     max_in_flight = r.get(t, "daemon", "max_in_flight", int, defaults.MAX_IN_FLIGHT)
     if max_uploads < 1:
@@ -242,9 +226,11 @@ def _daemon(r: _Reader, t: Mapping[str, Any], env: Mapping[str, str]) -> DaemonC
     lease = r.get(t, "daemon", "lease_seconds", float, defaults.LEASE_S)
     if not 1.0 <= lease <= 86400.0:
         raise r.error("daemon.lease_seconds", f"must be between 1 and 86400, not {lease}")
-    return DaemonConfig(
-        engine, url, max_uploads, max_in_flight, metrics, log_file, node_id, lease
-    )
+    retention = r.get(t, "daemon", "retention_days", float, defaults.RETENTION_DAYS)
+    if not 1 <= retention <= 36500:
+        raise r.error("daemon.retention_days", f"must be between 1 and 36500, not {retention}")
+    return DaemonConfig(engine, url, max_uploads, max_in_flight, metrics, log_file, node_id, lease,
+                        retention)  # fmt: skip
 
 
 def _local(r: _Reader, t: Mapping[str, Any]) -> LocalConfig:
@@ -265,7 +251,7 @@ def _blurit(
         raise r.error("blurit.url", f"must start with https:// (got {url!r})")
     client_id = r.get(t, "blurit", "client_id", str, "") or env.get("BLURIT_CLIENT_ID", "")
     secret, source = r.get(t, "blurit", "secret_id", str, ""), "blurit.secret_id"
-    if secret and path is not None and _readable_by_others(path):
+    if secret and path is not None and layout.readable_by_others(path):
         warnings.append(
             f"{path} holds blurit.secret_id and is readable by other users: "
             f"chmod 600 it, or use secret_id_file or a systemd credential"
@@ -300,8 +286,8 @@ def _watch(r: _Reader, t: Any, where: str) -> WatchConfig:
         raise r.error(f"{where}.path", "is required")
     if "output" not in t:
         raise r.error(f"{where}.output", "is required")
-    path = _abs(r.get(t, where, "path", str, ""))
-    output = _abs(r.get(t, where, "output", str, ""))
+    path = layout.absolute(r.get(t, where, "path", str, ""))
+    output = layout.absolute(r.get(t, where, "output", str, ""))
     style = r.get(t, where, "style", str, "blur")
     if style not in STYLES:
         raise r.error(f"{where}.style", f"must be one of {', '.join(STYLES)}, not {style!r}")
@@ -330,7 +316,7 @@ def _watch(r: _Reader, t: Any, where: str) -> WatchConfig:
     if originals not in ORIGINALS:
         raise r.error(f"{where}.originals", f"must be one of {', '.join(ORIGINALS)}")
     archive_raw = r.get(t, where, "archive", str, "")
-    archive = _abs(archive_raw) if archive_raw else None
+    archive = layout.absolute(archive_raw) if archive_raw else None
     if originals == "move" and archive is None:
         raise r.error(f"{where}.archive", "is required when originals = 'move'")
     settle = r.get(t, where, "settle_seconds", float, defaults.SETTLE_S)
@@ -371,32 +357,6 @@ def _area(r: _Reader, t: Any, where: str) -> Area:
     if area.left >= area.right or area.top >= area.bottom:
         raise r.error(where, "left must be below right and top below bottom")
     return area
-
-
-def _check_overlaps(r: _Reader, watches: list[WatchConfig]) -> None:
-    for i, w in enumerate(watches):
-        if _inside(w.output, w.path):
-            raise r.error(f"watch[{i}].output", f"{w.output} is inside its watch folder {w.path}")
-        if w.archive is not None and _inside(w.archive, w.path):
-            raise r.error(f"watch[{i}].archive", f"{w.archive} is inside its watch folder {w.path}")
-        for j, other in enumerate(watches):
-            if i != j and other.path == w.path:
-                raise r.error(f"watch[{j}].path", f"{w.path} is watched twice")
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def _abs(value: str) -> Path:
-    return Path(os.path.abspath(Path(value).expanduser()))
-
-
-def _readable_by_others(path: Path) -> bool:
-    try:
-        return bool(path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH))
-    except OSError:
-        return False
 
 
 class _Reader:

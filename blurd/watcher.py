@@ -3,11 +3,14 @@
 watchdog events (native, or polling on network and FUSE filesystems), a start-up scan and a
 periodic rescan feed one :class:`StabilityTracker` per watch; a file is enqueued once it has
 settled. Symlinks are recorded (the worker rejects them) but never followed, hidden and temporary
-names are skipped, and output and archive folders are never looked into.
+names are skipped, and output and archive folders (compared on resolved paths) are never looked
+into. When the native observer cannot start for lack of inotify watches or instances, the watch
+is polled instead.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -18,17 +21,22 @@ from typing import Any
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
-from blurd import defaults
+from blurd import defaults, layout
 from blurd.config import WatchConfig
-from blurd.stability import StabilityTracker, Stable, is_ignored_name, is_ignored_rel
+from blurd.recorder import SCAN_BATCH, Recorder, StoreOutage, Version
+from blurd.stability import StabilityTracker, is_ignored_name, is_ignored_rel
 from blurd.store import Store
 
 log = structlog.get_logger("blurd.watcher")
 
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})  # our own reads cause these
+# Out of inotify watches (ENOSPC) or instances (EMFILE): a system limit that will not go away
+# by itself, so the watch polls instead of failing again every tick.
+_INOTIFY_LIMITS = frozenset({errno.ENOSPC, errno.EMFILE})
+OBSERVER_RETRY_S = 30.0  # an observer that failed to start for another reason is tried again
 
 
 def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
@@ -63,14 +71,18 @@ def wants_polling(watch: WatchConfig) -> tuple[bool, str]:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, owner: FolderWatcher) -> None:
+    """Passes events on, their paths under the watch's root as configured: the observer
+    watches the resolved root (inotify does not follow a symlinked root)."""
+
+    def __init__(self, owner: FolderWatcher, watched: str) -> None:
         self.owner = owner
+        self.watched = watched
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _QUIET_EVENTS:
             return
-        src = os.fsdecode(event.src_path)
-        dest = os.fsdecode(event.dest_path) if event.dest_path else ""
+        src = self._as_configured(os.fsdecode(event.src_path))
+        dest = self._as_configured(os.fsdecode(event.dest_path)) if event.dest_path else ""
         if event.is_directory:
             # A folder created or moved in may already hold files: scan it.
             if event.event_type == "created":
@@ -82,9 +94,18 @@ class _Handler(FileSystemEventHandler):
         if dest:
             self.owner.note_file(dest)
 
+    def _as_configured(self, path: str) -> str:
+        if path == self.watched:
+            return self.owner.root
+        prefix = self.watched.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return os.path.join(self.owner.root, path[len(prefix) :])
+        return path
+
 
 class FolderWatcher:
-    """One watched folder."""
+    """One watched folder: finds files (events, scans), waits for them to settle, and hands
+    their versions to its :class:`Recorder`."""
 
     def __init__(
         self,
@@ -93,28 +114,37 @@ class FolderWatcher:
         *,
         excluded: Iterable[Path] = (),
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rescan_s: float = defaults.RESCAN_INTERVAL_S,
         on_enqueue: Callable[[], None] = lambda: None,
+        observer_factory: Callable[[], Any] = Observer,
     ) -> None:
+        """``clock`` times settle windows and retries; ``wall_clock`` is compared with file
+        timestamps; ``observer_factory`` makes the native (non-polling) observer."""
         self.watch = watch
-        self.store = store
         self.root = str(watch.path)
         self.excluded = [str(p) for p in excluded]
         self._prefix = self.root.rstrip("/") + "/"
-        self._excluded_prefixes = [(ex, ex.rstrip("/") + "/") for ex in self.excluded]
+        self._excluded_rels: frozenset[str] = frozenset()
+        self._excluded_prefixes: tuple[str, ...] = ()
+        self._exclude_all = False
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rescan_s = rescan_s
-        self.on_enqueue = on_enqueue
+        self.observer_factory = observer_factory
         self.tracker = StabilityTracker(watch.settle_s, clock)
+        self.recorder = Recorder(store, watch.name, StoreOutage(clock), on_enqueue)
         self._lock = threading.Lock()
         self._touched: set[str] = set()
         self._dirs: set[str] = set()
         self._observer: Any = None
+        self._observer_retry_at: float | None = None
+        self._native_failed = ""  # why native events are unavailable here; then it polls
         self._next_scan = 0.0
         self._missing_logged = False
-        self._known: set[tuple[str, int, int]] = set()
         self.scanned = False  # the first full scan is done
         self.on_event: Callable[[], None] = lambda: None  # set by Watcher: wakes its thread
+        self._resolve_exclusions()
 
     # ------------------------------------------------------------ events (watchdog thread)
 
@@ -142,32 +172,47 @@ class FolderWatcher:
             self._missing_logged = False
             self._next_scan = 0.0
         self._ensure_observer()
+        added = self.recorder.record(())  # what an outage kept, when a try is due
         now = self.clock()
-        if now >= self._next_scan:
-            self.scan()
+        # During a database outage a rescan would only pile up versions in memory; it runs
+        # once the database is back (events are still taken in and kept).
+        if now >= self._next_scan and not self.recorder.outage.down:
             self._next_scan = now + self.rescan_s
+            added += self.scan()
         with self._lock:
             touched, self._touched = self._touched, set()
             dirs, self._dirs = self._dirs, set()
         for d in dirs:
-            self._scan_tree(d)
+            added += self._scan_tree(d, full=False)
         for path in touched:
             self.tracker.touch(path)
-        return self._enqueue(self.tracker.check())
+        settled = [(self._rel(s.path), s.size, s.mtime_ns) for s in self.tracker.check()]
+        return added + self.recorder.record(settled)
 
     def pending(self) -> int:
-        """Files still settling or events not yet taken in."""
+        """Files still settling, events not yet taken in, versions not yet recorded."""
         with self._lock:
-            return len(self.tracker) + len(self._touched) + len(self._dirs)
+            waiting = len(self.tracker) + len(self._touched) + len(self._dirs)
+        return waiting + self.recorder.pending()
 
     def next_check_in(self) -> float | None:
-        return self.tracker.next_check_in()
+        hints = (self.tracker.next_check_in(), self.recorder.retry_in())
+        return min((h for h in hints if h is not None), default=None)
 
-    def scan(self) -> None:
-        """Look at every file once (start-up, and every ``rescan_s`` for missed events)."""
-        self._known = self.store.known_versions(self.watch.name)
-        self._scan_tree(self.root)
-        self.scanned = True
+    def scan(self) -> int:
+        """Look at every file once (start-up, and every ``rescan_s`` for missed events);
+        returns the jobs enqueued. A scan cut short by a database outage runs again once the
+        database is back."""
+        self._resolve_exclusions()
+        self.recorder.begin_scan()
+        added = self._scan_tree(self.root, full=True)
+        complete = not self.recorder.outage.down
+        self.recorder.end_scan(complete)
+        if complete:
+            self.scanned = True
+        else:
+            self._next_scan = 0.0
+        return added
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -189,26 +234,60 @@ class FolderWatcher:
         if self._observer is not None and self._observer.is_alive():
             return
         self.stop()
+        if self._observer_retry_at is not None and self.clock() < self._observer_retry_at:
+            return
         polling, why = wants_polling(self.watch)
-        if polling:
-            observer: Any = PollingObserver(timeout=max(1.0, min(10.0, self.watch.settle_s / 2)))
-        else:
-            observer = Observer()
-        observer.schedule(_Handler(self), self.root, recursive=self.watch.recursive)
+        if self._native_failed:
+            polling, why = True, self._native_failed
+        observer = self._polling_observer() if polling else self.observer_factory()
+        real = layout.resolved(self.root)
+        observer.schedule(_Handler(self, real), real, recursive=self.watch.recursive)
         try:
             observer.start()
         except OSError as exc:
-            log.warning("watch.observer_failed", watch=self.root, error=str(exc))
+            if not polling and exc.errno in _INOTIFY_LIMITS:
+                self._native_failed = f"native events are unavailable: {exc}"
+                log.warning("watch.polling_fallback", watch=self.root, reason=str(exc))
+                self._ensure_observer()
+                return
+            self._observer_retry_at = self.clock() + OBSERVER_RETRY_S
+            log.warning("watch.observer_failed", watch=self.root, error=str(exc),
+                        retry_in_s=OBSERVER_RETRY_S)  # fmt: skip
             return
         self._observer = observer
+        self._observer_retry_at = None
         log.info("watch.started", watch=self.root, polling=polling, why=why)
+
+    def _polling_observer(self) -> Any:
+        # lstat, not stat: a symlinked folder inside the watch is not descended into (it may
+        # lead to an output folder, or anywhere).
+        interval = max(1.0, min(10.0, self.watch.settle_s / 2))
+        return PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
+
+    def _resolve_exclusions(self) -> None:
+        """Output and archive folders as paths relative to this watch, on resolved paths: the
+        watch may be reached through a symlink, and so may they."""
+        real_root = layout.resolved(self.root)
+        rels: set[str] = set()
+        exclude_all = False
+        for folder in self.excluded:
+            real = layout.resolved(folder)
+            if layout.inside(real_root, real):
+                exclude_all = True  # the config refuses this; never look into it anyway
+            elif layout.inside(real, real_root):
+                rels.add(os.path.relpath(real, real_root))
+        self._excluded_rels = frozenset(rels)
+        self._excluded_prefixes = tuple(rel + "/" for rel in rels)
+        self._exclude_all = exclude_all
 
     def _wanted(self, path: str) -> bool:
         if not (path == self.root or path.startswith(self._prefix)):
             return False
-        if any(path == ex or path.startswith(p) for ex, p in self._excluded_prefixes):
-            return False
         rel = self._rel(path)
+        if self._exclude_all or rel in self._excluded_rels:
+            return False
+        if rel.startswith(self._excluded_prefixes):
+            return False
         if rel and is_ignored_rel(rel):
             return False
         return self.watch.recursive or "/" not in rel
@@ -224,9 +303,19 @@ class FolderWatcher:
                 return rel
         return os.path.relpath(path, self.root).replace(os.sep, "/")
 
-    def _scan_tree(self, top: str) -> None:
+    def _scan_tree(self, top: str, *, full: bool) -> int:
+        """Walk ``top`` without following symlinks. A file unchanged for the settle window
+        (by its mtime and ctime) is recorded from here, a thousand per transaction; one
+        changed more recently is left to the stability tracker.
+
+        A ``full`` scan stops at a database outage rather than keep every version of the tree
+        in memory (it runs again later); a folder that came in is walked to the end, and what
+        cannot be recorded yet is kept."""
+        settled_before = self.wall_clock() - self.watch.settle_s
+        added = 0
+        batch: list[Version] = []
         stack = [top]
-        while stack:
+        while stack and not (full and self.recorder.outage.down):
             folder = stack.pop()
             try:
                 with os.scandir(folder) as it:
@@ -246,40 +335,36 @@ class FolderWatcher:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                key = (self._rel(entry.path), st.st_size, st.st_mtime_ns)
-                if key not in self._known and entry.path not in self.tracker:
+                version = (self._rel(entry.path), st.st_size, st.st_mtime_ns)
+                if self.recorder.known(version) or entry.path in self.tracker:
+                    continue
+                # ctime moves with every write and every change of mtime: both old means no
+                # change for the whole settle window (a timestamp in the future is not old).
+                if max(st.st_mtime, st.st_ctime) > settled_before:
                     self.tracker.touch(entry.path)
-
-    def _enqueue(self, ready: list[Stable]) -> int:
-        """Queue the settled files: one transaction per thousand, so a scan of a big folder
-        does not cost a commit (an fsync, on PostgreSQL) per file."""
-        fresh: dict[tuple[str, int, int], Stable] = {}
-        for item in ready:
-            key = (self._rel(item.path), item.size, item.mtime_ns)
-            if key not in self._known:
-                fresh[key] = item
-        if not fresh:
-            return 0
-        versions = list(fresh)
-        added = self.store.enqueue_many(self.watch.name, versions)
-        self._known.update(versions)
-        sizes = {rel: size for rel, size, _mtime in versions}
-        for job_id, rel in added:
-            log.info("job.queued", job_id=job_id, path=rel, watch=self.root, size=sizes[rel])
-        # News for the worker even when another node queued these versions first: with a
-        # shared queue, they may be waiting for this node.
-        self.on_enqueue()
-        return len(added)
+                    continue
+                batch.append(version)
+                if len(batch) >= SCAN_BATCH:
+                    added += self.recorder.record(batch)
+                    batch = []
+                    if full and self.recorder.outage.down:
+                        break
+        return added + self.recorder.record(batch)
 
 
 class Watcher:
     """All watched folders, driven by one thread."""
 
-    def __init__(self, folders: list[FolderWatcher]) -> None:
+    def __init__(
+        self, folders: list[FolderWatcher], *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.folders = folders
         self.wake = threading.Event()  # an event came in (set it too when stopping)
+        # One outage for all watches: the database is down for all of them, logged once.
+        self.outage = StoreOutage(clock)
         for f in folders:
             f.on_event = self.wake.set
+            f.recorder.outage = self.outage
 
     def tick(self) -> int:
         return sum(f.tick() for f in self.folders)

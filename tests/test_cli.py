@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +185,20 @@ def test_corrupt_database_is_a_clear_error(
     err = capsys.readouterr().err
     assert "database error" in err and str(db) in err
     assert db.read_bytes() == b"garbage" * 1000
+
+
+def test_db_version_with_an_unreachable_server_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`db version` against a PostgreSQL URL whose server does not answer exits 1 with one
+    line naming the database, its password hidden."""
+    with socket.socket() as s:  # a port that was just free, and now nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = tmp_path / "c.toml"
+    p.write_text(f'[daemon]\ndatabase = "postgresql://blurd:hunter2@127.0.0.1:{port}/jobs"\n')
+    assert cli.main(["db", "version", "--config", str(p)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert f"postgresql://blurd:***@127.0.0.1:{port}/jobs" in err
+    assert "hunter2" not in err and "Traceback" not in err

@@ -154,3 +154,81 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     p = _write(tmp_path, "[daemon\n")
     with pytest.raises(ConfigError, match=str(p)):
         config.load(p, {})
+
+
+def _watches(tmp_path: Path, *tables: dict[str, str]) -> str:
+    """[[watch]] tables whose folders are given relative to tmp_path."""
+    out = []
+    for t in tables:
+        out.append("[[watch]]\n" + "".join(f'{k} = "{tmp_path / v}"\n' for k, v in t.items()))
+    return "".join(out)
+
+
+@pytest.mark.parametrize(
+    ("tables", "key"),
+    [
+        ([{"path": "a", "output": "o1"}, {"path": "a/sub", "output": "o2"}], "watch[1].path"),
+        ([{"path": "a/sub", "output": "o1"}, {"path": "a", "output": "o2"}], "watch[1].path"),
+        ([{"path": "a", "output": "o1"}, {"path": "a", "output": "o2"}], "watch[1].path"),
+        ([{"path": "a", "output": "b/out"}, {"path": "b", "output": "o2"}], "watch[0].output"),
+        ([{"path": "a", "output": "b"}, {"path": "b", "output": "o2"}], "watch[0].output"),
+        (
+            [{"path": "a", "output": "o1"}, {"path": "b", "output": "o2", "archive": "a/x"}],
+            "watch[1].archive",
+        ),
+        ([{"path": "a", "output": "o1", "archive": "o1"}], "watch[0].archive"),
+        ([{"path": "a", "output": "o1", "archive": "o1/originals"}], "watch[0].archive"),
+        (
+            [{"path": "a", "output": "o1"}, {"path": "b", "output": "o2", "archive": "o1"}],
+            "watch[1].archive",
+        ),
+        ([{"path": "a", "output": "o1"}, {"path": "o1/in", "output": "o2"}], "watch[1].path"),
+    ],
+)
+def test_unsafe_layouts_are_refused(tmp_path: Path, tables: list[dict[str, str]], key: str) -> None:
+    """Nested watch folders, an output or archive inside any watch folder, an archive that is
+    (or holds) an output, and a watch folder inside an output: refused, naming key and file."""
+    p = _write(tmp_path, _watches(tmp_path, *tables))
+    with pytest.raises(ConfigError) as err:
+        config.load(p, {})
+    assert str(err.value).startswith(f"{p}: {key}: ")
+
+
+def test_layouts_are_judged_on_resolved_paths(tmp_path: Path) -> None:
+    """A watch folder reached through a symlink whose output sits in the real folder is
+    refused, and so is a second watch of the same folder through a link; the message shows
+    the resolved path."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    p = _write(tmp_path, _watches(tmp_path, {"path": "link", "output": "real/out"}))
+    with pytest.raises(ConfigError, match=r"watch\[0\]\.output: .* inside its own watch folder"):
+        config.load(p, {})
+    both = _watches(tmp_path, {"path": "real", "output": "o1"}, {"path": "link", "output": "o2"})
+    with pytest.raises(ConfigError) as err:
+        config.load(_write(tmp_path, both), {})
+    assert "watch[1].path" in str(err.value)
+    assert f"resolved: {tmp_path / 'real'}" in str(err.value)
+    os.symlink(tmp_path / "real" / "out", tmp_path / "outlink")
+    hidden = _watches(tmp_path, {"path": "real", "output": "outlink"})
+    with pytest.raises(ConfigError, match=r"watch\[0\]\.output"):
+        config.load(_write(tmp_path, hidden), {})
+
+
+def test_inbox_outbox_layout_errors_name_the_options(tmp_path: Path) -> None:
+    """--inbox/--outbox beside a [[watch]] are checked too, and the error names the options."""
+    p = _write(tmp_path, _watches(tmp_path, {"path": "a", "output": "o1"}))
+    with pytest.raises(ConfigError, match=r"--inbox/--outbox\.output"):
+        config.load(p, {}, inbox=str(tmp_path / "b"), outbox=str(tmp_path / "a" / "out"))
+
+
+def test_safe_layouts_with_symlinks_are_accepted(tmp_path: Path) -> None:
+    """Sibling folders, some reached through symlinks, and shared outputs are fine."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    text = _watches(
+        tmp_path,
+        {"path": "link/in", "output": "out", "archive": "archive"},
+        {"path": "b", "output": "out"},
+    )
+    cfg = config.load(_write(tmp_path, text), {})
+    assert [w.path for w in cfg.watches] == [tmp_path / "link" / "in", tmp_path / "b"]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
+from watchdog.observers.inotify import InotifyObserver
 
 from blurd.config import WatchConfig
 from blurd.models import Job
@@ -229,3 +232,84 @@ def test_filesystem_type_picks_the_longest_mount(tmp_path: Path) -> None:
     assert wants_polling(forced) == (True, "polling is set in the config")
     off = WatchConfig(path=Path("/srv/media/inbox"), output=Path("/x"), polling=False)
     assert wants_polling(off)[0] is False
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["native", "polling"])
+def test_outputs_reached_through_symlinks_are_never_queued(
+    tmp_path: Path, store: Store, clock: FakeClock, polling: bool
+) -> None:
+    """The watch is reached through a symlink and its output sits in the real folder; an
+    archive is linked from inside the watch: none of their files is queued, by scans or by
+    events, native or polled. Links are recorded, never followed."""
+    real, archive = tmp_path / "real", tmp_path / "elsewhere" / "archive"
+    (real / "out").mkdir(parents=True)
+    archive.mkdir(parents=True)
+    os.symlink(real, tmp_path / "link")
+    os.symlink(archive, real / "arch")
+    for folder in (real / "out", archive):
+        (folder / "old.jpg").write_bytes(b"o")
+    (real / "keep1.jpg").write_bytes(b"1")
+    watch = WatchConfig(
+        path=tmp_path / "link", output=real / "out", settle_s=SETTLE, polling=polling
+    )
+    w = FolderWatcher(
+        watch, store, excluded=[tmp_path / "link" / "out", archive], clock=clock, rescan_s=3600
+    )
+    try:
+        settle(w, clock)
+        for folder in (real / "out", archive):
+            (folder / "new.jpg").write_bytes(b"n")
+        (real / "keep2.jpg").write_bytes(b"2")
+        wait_for(lambda: w.pending(), timeout=15, what="the keep2.jpg event")
+        # Events come in order: once a file made after keep2.jpg is seen, every event of the
+        # files written before it has been delivered (and judged).
+        w.tick()
+        (real / "keep3.jpg").write_bytes(b"3")
+        wait_for(lambda: str(tmp_path / "link" / "keep3.jpg") in w._touched, timeout=15)
+        settle(w, clock)
+        w.scan()
+        settle(w, clock)
+    finally:
+        w.stop()
+    assert set(queued(store)) == {"keep1.jpg", "keep2.jpg", "keep3.jpg", "arch"}
+
+
+class _FullObserver(InotifyObserver):
+    """A native observer on a machine out of inotify watches."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        type(self).made += 1
+
+    def start(self) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+
+def test_inotify_limit_falls_back_to_polling_once(
+    tmp_path: Path, store: Store, clock: FakeClock
+) -> None:
+    """When the native observer cannot start for lack of inotify watches, the watch is polled:
+    one warning with the reason, no new native attempt every tick, and new files still found."""
+    _FullObserver.made = 0
+    w = make_watcher(tmp_path, store, clock, observer_factory=_FullObserver)
+    try:
+        with capture_logs() as logs:
+            for _ in range(5):
+                w.tick()
+                clock.advance(60)
+            (tmp_path / "in" / "p.jpg").write_bytes(b"p")
+            wait_for(lambda: w.pending(), timeout=15, what="a polling event")
+            settle(w, clock)
+    finally:
+        w.stop()
+    assert list(queued(store)) == ["p.jpg"]
+    assert _FullObserver.made == 1
+    events = [e["event"] for e in logs]
+    assert events.count("watch.polling_fallback") == 1 and "watch.observer_failed" not in events
+    (fallback,) = [e for e in logs if e["event"] == "watch.polling_fallback"]
+    assert "inotify watch limit reached" in fallback["reason"]
+    assert {"event": "watch.started", "polling": True}.items() <= next(
+        e for e in logs if e["event"] == "watch.started"
+    ).items()
