@@ -18,6 +18,7 @@ from blurd import defaults, writer
 from blurd.config import Config
 from blurd.engines.base import Engine
 from blurd.errors import BlurdError, ConfigError
+from blurd.health import DatabaseHealth
 from blurd.metrics import Metrics
 from blurd.models import JobState
 from blurd.notify import Notifier
@@ -27,7 +28,9 @@ from blurd.worker import Timing, Worker
 
 log = structlog.get_logger("blurd.daemon")
 
-STOP_GRACE_S = 8.0
+# A stop fits in the unit's TimeoutStopSec (30 s): running steps get STOP_GRACE_S to end,
+# then leases are released, the engine and the store closed.
+STOP_GRACE_S = 15.0
 MAIN_LOOP_S = 0.2
 STATUS_EVERY_S = 5.0
 
@@ -151,6 +154,7 @@ class Daemon:
         self.rescan_s = rescan_s
         self.node = store.node
         self.metrics = Metrics(store)
+        self.health = DatabaseHealth()  # one outage, one line, for the worker and the watcher
         self.engine: Engine | None = None
         self.worker: Worker | None = None
         self.watcher: Watcher | None = None
@@ -199,9 +203,11 @@ class Daemon:
             max_in_flight=self.config.daemon.max_in_flight,
             timing=self.timing,
             metrics=self.metrics,
+            retention_s=self.config.daemon.retention_days * 86400,
+            health=self.health,
         )
         worker_thread = threading.Thread(
-            target=self.worker.run, args=(self.stop,), name="worker", daemon=True
+            target=self.worker.run, args=(self.stop, STOP_GRACE_S), name="worker", daemon=True
         )
         worker_thread.start()
         self._threads.append(worker_thread)
@@ -212,7 +218,8 @@ class Daemon:
         next_status = 0.0
         try:
             while not self.stop.wait(MAIN_LOOP_S):
-                self.notifier.watchdog()
+                if self._moving():
+                    self.notifier.watchdog()
                 if not ready and self._scanned():
                     ready = True
                     self.notifier.ready(self._status_line())
@@ -227,7 +234,7 @@ class Daemon:
                 if once and self._finished():
                     log.info("daemon.queue_empty")
                     break
-                if once and self.worker.auth_paused_until is not None:
+                if once and self.worker.auth_refused():
                     log.error("daemon.stopping", reason="the engine refused the credentials")
                     code = 1
                     break
@@ -240,7 +247,9 @@ class Daemon:
             self.stop.set()
             self._stop_watcher_thread(join=False)
             self.worker.wake()
-            deadline = time.monotonic() + STOP_GRACE_S
+            # The worker ends its steps within STOP_GRACE_S and then releases its leases; the
+            # engine and the store are closed only after that (Daemon.run, then run()).
+            deadline = time.monotonic() + STOP_GRACE_S + 5.0
             for t in self._threads:
                 t.join(timeout=max(0.1, deadline - time.monotonic()))
             log.info("daemon.stopped", code=code)
@@ -323,7 +332,8 @@ class Daemon:
                     on_enqueue=self.worker.wake,
                 )
                 for w in self.config.watches
-            ]
+            ],
+            health=self.health,
         )
         self._watcher_stop = threading.Event()
         t = threading.Thread(
@@ -340,6 +350,13 @@ class Daemon:
             for t in self._threads:
                 if t.name == "watcher":
                     t.join(timeout=STOP_GRACE_S)
+
+    def _moving(self) -> bool:
+        """Whether the work is moving: systemd's watchdog is fed only then, so a daemon whose
+        scheduler or watcher is stuck or dead is restarted instead of idling "active"."""
+        assert self.worker is not None
+        threads_ok = all(t.is_alive() for t in self._threads)
+        return threads_ok and self.worker.alive()
 
     def _scanned(self) -> bool:
         return self.watcher is not None and all(f.scanned for f in self.watcher.folders)

@@ -136,6 +136,11 @@ class Metrics:
             "Access tokens refreshed or obtained again by logging in.",
             registry=self.registry,
         )
+        self._originals_failed = Counter(
+            "blurd_originals_failed",
+            "Times the originals policy (move or delete) could not be applied; retried.",
+            registry=self.registry,
+        )
         if store is not None:
             self.registry.register(_JobsCollector(store))
 
@@ -152,6 +157,9 @@ class Metrics:
     def api_error(self, code: int | str | None) -> None:
         """One failed API call; ``code`` is the HTTP status, None for no reply (timeouts...)."""
         self._api_errors.labels(code="none" if code is None else str(code)).inc()
+
+    def originals_failed(self) -> None:
+        self._originals_failed.inc()
 
     def token_refreshed(self) -> None:
         self._token_refreshes.inc()

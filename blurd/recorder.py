@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 import structlog
 
 from blurd.errors import StoreError
+from blurd.health import DatabaseHealth
 from blurd.store import Store
 
 log = structlog.get_logger("blurd.watcher")
@@ -31,12 +32,19 @@ DATABASE_RETRY_S = 1.0  # while the database refuses writes, try again this ofte
 
 
 class StoreOutage:
-    """Whether the jobs database refuses writes. The watches of a :class:`Watcher` share one,
-    so an outage is logged once however many watches run into it."""
+    """Whether the jobs database refuses the watcher's writes, and when to try again. The
+    watches of a :class:`Watcher` share one; the log lines go through the daemon's
+    ``DatabaseHealth``, shared with the worker, so an outage is logged once in all."""
 
-    def __init__(self, clock: Callable[[], float], retry_s: float = DATABASE_RETRY_S) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        retry_s: float = DATABASE_RETRY_S,
+        health: DatabaseHealth | None = None,
+    ) -> None:
         self.clock = clock
         self.retry_s = retry_s
+        self.health = health or DatabaseHealth(clock)
         self.down = False
         self._next_try = 0.0
 
@@ -48,14 +56,12 @@ class StoreOutage:
 
     def failed(self, exc: StoreError) -> None:
         self._next_try = self.clock() + self.retry_s
-        if not self.down:
-            self.down = True
-            log.warning("database.unavailable", error=str(exc), retry_every_s=self.retry_s)
+        self.down = True
+        self.health.failed(exc)
 
     def succeeded(self) -> None:
-        if self.down:
-            self.down = False
-            log.info("database.back")
+        self.down = False
+        self.health.ok()
 
 
 class Recorder:

@@ -25,6 +25,7 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from blurd import defaults, layout
 from blurd.config import WatchConfig
+from blurd.health import DatabaseHealth
 from blurd.recorder import SCAN_BATCH, Recorder, StoreOutage, Version
 from blurd.stability import StabilityTracker, is_ignored_name, is_ignored_rel
 from blurd.store import Store
@@ -356,12 +357,16 @@ class Watcher:
     """All watched folders, driven by one thread."""
 
     def __init__(
-        self, folders: list[FolderWatcher], *, clock: Callable[[], float] = time.monotonic
+        self,
+        folders: list[FolderWatcher],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        health: DatabaseHealth | None = None,
     ) -> None:
         self.folders = folders
         self.wake = threading.Event()  # an event came in (set it too when stopping)
         # One outage for all watches: the database is down for all of them, logged once.
-        self.outage = StoreOutage(clock)
+        self.outage = StoreOutage(clock, health=health)
         for f in folders:
             f.on_event = self.wake.set
             f.recorder.outage = self.outage
