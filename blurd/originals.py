@@ -49,24 +49,29 @@ _COPY_CHUNK_BYTES = 1024 * 1024
 class Version:
     """The version of a source file that was processed, recorded when it was hashed.
 
-    ``dev`` and ``ino`` are None for rows recorded before they were kept: then only size and
-    mtime are compared.
+    ``dev``, ``ino`` and ``ctime_ns`` are None for rows recorded before they were kept: then
+    only size and mtime are compared. The ctime tells a file rewritten in place with the same
+    size and mtime (which nothing else shows) from the version processed; blurd itself only
+    reads the file, which leaves its ctime alone.
     """
 
     size: int
     mtime_ns: int
     dev: int | None
     ino: int | None
+    ctime_ns: int | None = None
 
     @classmethod
     def of(cls, st: os.stat_result) -> Version:
         """The version described by ``st`` (an ``lstat`` of the file being hashed)."""
-        return cls(st.st_size, st.st_mtime_ns, int64(st.st_dev), int64(st.st_ino))
+        return cls(st.st_size, st.st_mtime_ns, int64(st.st_dev), int64(st.st_ino),
+                   int64(st.st_ctime_ns))  # fmt: skip
 
     def matches(self, st: os.stat_result) -> bool:
         """Whether ``st`` is a regular file and this version of it."""
         # dev and ino as the jobs table stores them: folded into signed 64 bits
         same_id = self.dev in (None, int64(st.st_dev)) and self.ino in (None, int64(st.st_ino))
+        same_id = same_id and self.ctime_ns in (None, int64(st.st_ctime_ns))
         same_data = (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
         return stat.S_ISREG(st.st_mode) and same_data and same_id
 

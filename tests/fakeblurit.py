@@ -5,7 +5,9 @@ GET /innovation-service/result/<name>. Tokens expire server-side; refresh tokens
 both encodings of nested fields are accepted; faults can be switched on per route: an error
 status, a dropped connection, a late answer, a request served as usual but answered with a
 mangled body, and a server that stops taking connections.
-The anonymized media is ``b"BLURRED:" + sha256_hex(input) + b"\\n" + input``.
+The anonymized media is ``result_head(sha256_hex(input), ext) + input``: the leading bytes of a
+file of the result's type (blurd checks them before it places a result, as it would a real
+API's), then ``b"BLURRED:" + sha256_hex(input) + b"\\n"``.
 
 Uploads are spooled to a temp file and parsed in chunks, so a 1 GiB upload never sits in
 memory; the result is streamed from that same file.
@@ -46,6 +48,19 @@ MAX_SMALL_BODY_BYTES = 1024 * 1024  # JSON bodies and plain form fields
 BOOLEAN_FIELDS = ("activation_faces_blur", "activation_plates_blur", "output_detections_url")
 AREA_KEYS = frozenset({"top", "bottom", "left", "right"})
 STYLES = ("blur", "opaque", "pixelate")
+# The first bytes of a file of each result type (its "magic"): enough for blurd's check.
+MEDIA_HEADS = {
+    ".jpg": b"\xff\xd8\xff\xe0", ".jpeg": b"\xff\xd8\xff\xe0",
+    ".png": b"\x89PNG\r\n\x1a\n", ".webp": b"RIFF\x00\x00\x00\x00WEBP",
+    ".mp4": b"\x00\x00\x00\x18ftypisom", ".mov": b"\x00\x00\x00\x14ftypqt  ",
+    ".avi": b"RIFF\x00\x00\x00\x00AVI ", ".mkv": b"\x1a\x45\xdf\xa3",
+    ".zip": b"PK\x03\x04",
+}  # fmt: skip
+
+
+def result_head(sha256_hex: str, extension: str) -> bytes:
+    """What the anonymized media of an input with this digest starts with, before the input."""
+    return MEDIA_HEADS.get(extension.lower(), b"") + b"BLURRED:" + sha256_hex.encode() + b"\n"
 
 
 @dataclass(frozen=True)
@@ -717,7 +732,7 @@ class FakeBlurIt:
             )
             h.wfile.write(data)
             return
-        head = b"BLURRED:" + upload.sha256.encode() + b"\n"
+        head = result_head(upload.sha256, job.extension)
         total = len(head) + upload.size
         with self._lock:
             truncate = self._truncations > 0

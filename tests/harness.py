@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,15 @@ from blurd import config, daemon
 from blurd.models import Job, JobState
 from blurd.store import Store
 from blurd.worker import Timing
-from tests.fakeblurit import FakeBlurIt
+from tests.fakeblurit import FakeBlurIt, result_head
 
 FAST = Timing(backoff_base_s=0.05, backoff_cap_s=0.5, poll_first_s=0.1, poll_max_s=0.3,
               auth_retry_first_s=0.2, auth_retry_max_s=0.5, payment_probe_s=0.5)  # fmt: skip
 
 
-def anonymized(data: bytes) -> bytes:
+def anonymized(data: bytes, extension: str = ".jpg") -> bytes:
     """What the test server returns for an input."""
-    return b"BLURRED:" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+    return result_head(hashlib.sha256(data).hexdigest(), extension) + data
 
 
 class Daemon:
@@ -31,11 +32,13 @@ class Daemon:
         fake: FakeBlurIt,
         *,
         daemon_keys: dict[str, Any] | None = None,
+        database: str | None = None,
         **watch: object,
     ) -> None:
+        """``database``: a database URL instead of a new SQLite file in ``tmp_path``."""
         self.inbox, self.outbox = tmp_path / "in", tmp_path / "out"
         self.inbox.mkdir(exist_ok=True)
-        self.db = f"sqlite:///{tmp_path}/blurd.db"
+        self.db = database or f"sqlite:///{tmp_path}/blurd.db"
         raw = {
             "daemon": {"database": self.db, "max_uploads": 2, "max_in_flight": 8,
                        **(daemon_keys or {})},
@@ -48,10 +51,18 @@ class Daemon:
         self.stop = threading.Event()
         self.timing = FAST
         self.result: list[int] = []
+        # Set before entering: `once` runs like `blurd run --once`; `signals.reload.set()` is a
+        # SIGHUP, which reads the config again by calling `reload_config`.
+        self.once = False
+        self.signals = daemon.Signals()
+        self.reload_config: Callable[[], config.Config] | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.result.append(daemon.run(self.config, stop=self.stop, timing=self.timing, rescan_s=30))
+        code = daemon.run(self.config, stop=self.stop, timing=self.timing, rescan_s=30,
+                          once=self.once, signals=self.signals,
+                          reload_config=self.reload_config)  # fmt: skip
+        self.result.append(code)
 
     def __enter__(self) -> Daemon:
         """Start the daemon; set `timing` before entering to change its delays."""

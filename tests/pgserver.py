@@ -124,6 +124,43 @@ class PostgresServer:
                 self._proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def halt(self) -> None:
+        """Stop the server ("fast" shutdown) but keep its data folder: ``resume`` starts it
+        again on the same port, as an outage of the database server would look."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGINT)
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def resume(self) -> None:
+        """Start a server stopped by ``halt`` again, on the same port and data folder."""
+        opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-c",
+                f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
+        if not self.durable:
+            opts += ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off"]  # fmt: skip
+        with open(self.dir / "server.log", "ab") as log:
+            self._proc = subprocess.Popen(
+                [*self._runas, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(self.dsn("postgres"), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"PostgreSQL did not start again:\n{tail}") from None
+                time.sleep(0.1)
+
     def __enter__(self) -> PostgresServer:
         return self.start()
 

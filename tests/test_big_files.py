@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeblurit import FakeBlurIt
+from tests.fakeblurit import FakeBlurIt, result_head
 
 GIB = 1024**3
 RSS_LIMIT_MIB = 200  # blurd's process; the file is 1024 MiB
@@ -71,7 +71,7 @@ def test_one_gib_round_trip_in_bounded_memory(tmp_path: Path, fake: FakeBlurIt) 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    header = b"BLURRED:" + sha.hexdigest().encode() + b"\n"
+    header = result_head(sha.hexdigest(), ".mp4")
     assert report["bytes"] == GIB + len(header) == dest.stat().st_size
     with open(dest, "rb") as fh:
         assert fh.read(len(header)) == header

@@ -33,7 +33,7 @@ from blurd.errors import (
 )
 from blurd.options import Area, Options
 from tests.conftest import FakeClock, wait_for
-from tests.fakeblurit import FakeBlurIt
+from tests.fakeblurit import FakeBlurIt, result_head
 
 JOB = "/innovation-service/anonymization"
 
@@ -62,8 +62,8 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def blurred(data: bytes) -> bytes:
-    return b"BLURRED:" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+def blurred(data: bytes, extension: str = ".jpeg") -> bytes:
+    return result_head(hashlib.sha256(data).hexdigest(), extension) + data
 
 
 def finished(engine: BlurItEngine, job_id: str) -> RemoteStatus:
@@ -709,7 +709,7 @@ def test_one_mebibyte_upload_arrives_byte_identical(
     assert (upload.size, upload.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     out = io.BytesIO()
     engine.fetch(job_id, finished(engine, job_id), "media", out)
-    assert out.getvalue() == blurred(data)
+    assert out.getvalue() == blurred(data, ".mp4")
 
 
 def test_unknown_extension_is_sent_as_octet_stream(

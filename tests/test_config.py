@@ -39,7 +39,7 @@ def test_example_config_parses_and_covers_every_key(tmp_path: Path) -> None:
     raw = tomllib.loads(text)
     assert set(raw["daemon"]) == {
         "engine", "database", "max_uploads", "max_in_flight", "metrics", "log_file", "node_id",
-        "lease_seconds",
+        "lease_seconds", "retention_days",
     }
     assert set(raw["blurit"]) >= {"url", "client_id"}
     assert set(raw["local"]) == {"plate_model"}

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.fakeblurit import FakeBlurIt
+from tests.fakeblurit import FakeBlurIt, result_head
 
 JOB = "/innovation-service/anonymization"
 CREDS = {"clientId": "client_test", "secretId": "secret_test"}
@@ -182,7 +182,7 @@ def test_job_runs_through_its_steps_and_serves_verifiable_results() -> None:
         assert done["output_media"].endswith(".jpeg") and done["output_json"].endswith(".json")
         got = requests.get(done["output_media"], headers=bearer(token), timeout=5)
         digest = hashlib.sha256(media).hexdigest()
-        assert got.content == b"BLURRED:" + digest.encode() + b"\n" + media
+        assert got.content == result_head(digest, ".jpeg") + media
         doc = requests.get(done["output_json"], headers=bearer(token), timeout=5).json()
         assert doc["input_sha256"] == digest and doc["filename"] == "photo.jpg"
         assert fake.upload_count(digest) == 1
@@ -272,7 +272,8 @@ def test_garbled_replies_serve_the_request_but_mangle_the_answer(fake: FakeBlurI
     url = status(fake, token, fake.uploads[0].job_id)["output_media"]
     fake.garble_next("result", b"")
     assert requests.get(url, headers=bearer(token), timeout=5).content == b""
-    assert requests.get(url, headers=bearer(token), timeout=5).content.startswith(b"BLURRED:")
+    clean = requests.get(url, headers=bearer(token), timeout=5).content
+    assert clean.startswith(result_head(fake.uploads[0].sha256, ".jpeg"))
 
 
 def test_token_padding_surrounds_tokens_but_the_server_keeps_them_bare(fake: FakeBlurIt) -> None:

@@ -333,3 +333,22 @@ def test_refuses_bad_policy_missing_archive_and_escaping_paths(tmp_path: Path) -
         with pytest.raises(RejectedInput):
             originals.apply("delete", inbox, rel, version, tmp_path / "archive")
     assert source.read_bytes() == b"original"
+
+
+@pytest.mark.parametrize("policy", ["delete", "move"])
+def test_a_file_rewritten_in_place_with_the_same_size_and_mtime_is_left_alone(
+    tmp_path: Path, policy: str
+) -> None:
+    """Same inode, same size, same mtime, other bytes (an editor that restores the mtime):
+    only the ctime tells, and the original is not the version processed."""
+    inbox, archive = tmp_path / "in", tmp_path / "archive"
+    inbox.mkdir()
+    path = inbox / "a.jpg"
+    path.write_bytes(b"processed version")
+    version = originals.Version.of(path.lstat())
+    st = path.lstat()
+    path.write_bytes(b"another  version!")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(originals.OriginalChanged):
+        originals.apply(policy, inbox, "a.jpg", version, archive)
+    assert path.read_bytes() == b"another  version!"

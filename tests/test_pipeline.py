@@ -71,7 +71,7 @@ def test_twenty_images_come_out_anonymized_with_detections(
     assert len(inputs) == 20
     for rel, data in inputs.items():
         out = d.outbox / rel
-        assert out.read_bytes() == anonymized(data), rel
+        assert out.read_bytes() == anonymized(data, out.suffix), rel
         detections = json.loads((d.outbox / (rel + ".json")).read_text())
         assert detections["input_sha256"] == hashlib.sha256(data).hexdigest()
         assert fake.upload_count(hashlib.sha256(data).hexdigest()) == 1, rel

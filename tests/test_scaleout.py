@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from blurd import cli
-from blurd.models import JobState
+from blurd.models import SCHEMA_VERSION, JobState
 from blurd.store import Store
 from tests.conftest import wait_for
 from tests.fakeblurit import FakeBlurIt
@@ -217,14 +217,14 @@ def test_db_upgrade_and_version_commands(
 ) -> None:
     """`blurd db version` exits 1 on an older schema and `blurd db upgrade` brings it forward;
     `blurd run` on an older shared database refuses with exit 1, naming the command."""
-    from tests.test_store_nodes import _make_v1
+    from tests.test_store_migrations import _make_v1
 
     url = postgres.new_database()
     _make_v1(url)
     conf = tmp_path / "c.toml"
     conf.write_text(f'[daemon]\ndatabase = "{url}"\n')
     assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_FAIL
-    assert "schema version 1 (this blurd: 2)" in capsys.readouterr().out
+    assert f"schema version 1 (this blurd: {SCHEMA_VERSION})" in capsys.readouterr().out
     (tmp_path / "in").mkdir()
     # `blurd run` in its own process: run in this one, it would leave structlog's cached
     # loggers writing to this test's captured (then closed) stdout.
@@ -236,7 +236,7 @@ def test_db_upgrade_and_version_commands(
     assert run.returncode == cli.EXIT_FAIL
     assert "`blurd db upgrade`" in run.stderr
     assert cli.main(["db", "upgrade", "--config", str(conf)]) == cli.EXIT_OK
-    assert "from schema version 1 to 2" in capsys.readouterr().out
+    assert f"from schema version 1 to {SCHEMA_VERSION}" in capsys.readouterr().out
     assert cli.main(["db", "version", "--config", str(conf)]) == cli.EXIT_OK
     assert cli.main(["db", "upgrade", "--config", str(conf)]) == cli.EXIT_OK
     assert "nothing to do" in capsys.readouterr().out
