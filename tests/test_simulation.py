@@ -302,7 +302,7 @@ class WorkerUnderFaults(RuleBasedStateMachine):
 
 WorkerUnderFaults.TestCase.settings = settings(
     max_examples=int(os.environ.get("BLURD_SIM_EXAMPLES", "60")),
-    stateful_step_count=30,
+    stateful_step_count=int(os.environ.get("BLURD_SIM_STEPS", "80")),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
