@@ -48,4 +48,5 @@ class Store(Queue, Claims, Leases, Nodes, Status, Retention):
         older schema, None (the default) upgrades a SQLite file or a new database only: a
         shared database is upgraded on purpose, with `blurd db upgrade`."""
         self.twin_wait_s = twin_wait_s
+        self.rehashed = 0
         super().__init__(url, clock=clock, node=node, lease_s=lease_s, upgrade=upgrade)

@@ -40,6 +40,9 @@ Row = tuple[Any, ...]
 
 class Claims(Database):
     twin_wait_s: float
+    #: jobs an upload claim sent back to be hashed (a done twin's result to reuse), ever: the
+    #: scheduler, which alone claims, tells its hash queue when this moves
+    rehashed: int
 
     def claim(self, now: float, limit: int, *, prepared: bool) -> list[Job]:
         """Hold up to ``limit`` due queued jobs that nobody holds (or whose holder's lease
@@ -175,6 +178,7 @@ class Claims(Database):
                 self._execute(conn, _WAIT, {**wait, "k_id": job_id, "k_now": now})
             elif same in done:
                 self._execute(conn, _REHASH, {"k_id": job_id, "k_now": now})
+                self.rehashed += 1
             else:
                 going.append(row)
         return going

@@ -230,8 +230,11 @@ class Worker:
         queues = [p for p, r in ((False, want), (True, room)) if r > 0]
         wait = min(self.board.next_due(now, queues), self._leases_due) - now
         for view in (g.view(now) for g in self.gates):
-            if view.state == "paused":
-                wait = min(wait, max(0.05, view.wait_s))
+            # A pause whose wait is over needs no wake-up of its own: its probe goes with the
+            # next claim, which news or the queue look bring (waking every 50 ms instead, with
+            # nothing queued to probe with, was a busy loop).
+            if view.state == "paused" and view.wait_s > 0:
+                wait = min(wait, view.wait_s)
         return max(defaults.TICK_BATCH_S, min(wait, self.timing.idle_wait_max_s))
 
     # ------------------------------------------------------------------ handing out
@@ -268,7 +271,10 @@ class Worker:
         news = self.board.claimable(prepared, now) if limit > 0 else None
         if news is None:
             return False
+        rehashed = self.store.rehashed
         claimed = self.store.claim(wall, limit, prepared=prepared)
+        if self.store.rehashed != rehashed:  # back to be hashed, to reuse a done twin's result
+            self.board.news(False, now)
         if len(claimed) < limit:
             due = self.store.next_queued_at(wall, prepared=prepared)
             # Nothing due now: the next due job, or another look soon (other nodes and `blurd
