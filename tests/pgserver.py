@@ -71,28 +71,12 @@ class PostgresServer:
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
                   "-A", "trust", "--no-sync", "-E", "UTF8",
                   "--locale=C")  # fmt: skip  # the C locale exists on every machine
-        opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-c",
-                f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
-        if not self.durable:
-            opts += ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off"]  # fmt: skip
-        with open(self.dir / "server.log", "ab") as log:
-            self._proc = subprocess.Popen(
-                [*self._runas, str(self.bindir / "postgres"), "-D", str(self.data), *opts],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(self.dsn("postgres"), connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.dir / "server.log").read_text(errors="replace")[-2000:]
-                    self.stop()
-                    raise RuntimeError(f"PostgreSQL did not start:\n{log}") from None
-                time.sleep(0.1)
+        try:
+            self.resume()
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def dsn(self, db: str) -> str:
         return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={db}"
@@ -138,7 +122,8 @@ class PostgresServer:
             self._proc.wait()
 
     def resume(self) -> None:
-        """Start a server stopped by ``halt`` again, on the same port and data folder."""
+        """Start the server on its data folder and port: after ``initdb``, or again after
+        ``halt``."""
         opts = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-c",
                 f"unix_socket_directories={self.dir}", "-c", "max_connections=200"]  # fmt: skip
         if not self.durable:
@@ -158,7 +143,7 @@ class PostgresServer:
             except psycopg.OperationalError:
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     tail = (self.dir / "server.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"PostgreSQL did not start again:\n{tail}") from None
+                    raise RuntimeError(f"PostgreSQL did not start:\n{tail}") from None
                 time.sleep(0.1)
 
     def __enter__(self) -> PostgresServer:

@@ -90,14 +90,20 @@ class Steps:
 
     # ------------------------------------------------------------------ before the engine
 
-    def prepare(self, job: Job) -> o.Outcome:
+    def _sendable(self, job: Job) -> tuple[WatchConfig, Path] | o.Fail:
+        """The job's watch and file, if the file may still be sent as it was queued."""
         try:
             watch, path = self.source(job)
         except WatchGone as exc:
             return o.Fail(str(exc))
         reason = rejection(path, self.engine.supported_extensions, (job.size, job.mtime_ns))
-        if reason is not None:
-            return o.Fail(reason)
+        return o.Fail(reason) if reason is not None else (watch, path)
+
+    def prepare(self, job: Job) -> o.Outcome:
+        sendable = self._sendable(job)
+        if isinstance(sendable, o.Fail):
+            return sendable
+        watch, path = sendable
         try:
             sha, ident = hash_file(path)
         except FileChanged as exc:
@@ -144,13 +150,10 @@ class Steps:
         gated = self.permit(job)
         if gated is not None:
             return gated
-        try:
-            watch, path = self.source(job)
-        except WatchGone as exc:
-            return o.Fail(str(exc))
-        reason = rejection(path, self.engine.supported_extensions, (job.size, job.mtime_ns))
-        if reason is not None:
-            return o.Fail(reason)
+        sendable = self._sendable(job)
+        if isinstance(sendable, o.Fail):
+            return sendable
+        watch, path = sendable
         before = identity(path)
         if before is None:
             return o.Fail("the file disappeared before it could be uploaded")
