@@ -11,18 +11,17 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from blurd import __version__, logs
 from blurd import config as config_mod
 from blurd.errors import ApiError, AuthError, BlurdError, ConfigError, StoreError
-from blurd.models import Job, JobState
+from blurd.models import JobState
+from blurd.report import job_dict, safe_url, status_data
 from blurd.store import Store
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_API = 0, 1, 2, 3
-DAEMON_STALE_S = 30.0  # a daemon state older than this belongs to a daemon that is gone
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +148,7 @@ def _config(args: argparse.Namespace, *, require_watches: bool = True) -> config
 def cmd_run(args: argparse.Namespace) -> int:
     # Signal handlers first: a SIGTERM that arrives while the heavy modules below are still
     # being imported must stop the daemon, not be lost.
-    from blurd.daemon import Signals
+    from blurd.signals import Signals
 
     signals = Signals()
     signals.install()
@@ -184,35 +183,6 @@ def _store(cfg: config_mod.Config) -> Store:
     return Store(cfg.daemon.database, node=cfg.daemon.node_id)
 
 
-def status_data(cfg: config_mod.Config, store: Store) -> dict[str, Any]:
-    """What `blurd status --json` prints (its shape is documented in the README)."""
-    counts = store.counts()
-    oldest = store.oldest_waiting()
-    last = store.last_error()
-    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    uploaded = store.bytes_uploaded_since(midnight.timestamp())
-    daemons = store.daemon_states(fresher_than_s=DAEMON_STALE_S)
-    engine, why = cfg.engine_choice()
-    # With several nodes on one database: this machine's daemon first, else any of them.
-    live: dict[str, Any] = daemons.get(store.node) or next(iter(daemons.values()), {})
-    engine_state = live.get("engine_state", {})
-    worker_state = live.get("worker", {})
-    return {
-        "running": bool(daemons),
-        "daemons": sorted(daemons),
-        "engine": live.get("engine", engine),
-        "engine_reason": live.get("engine_reason", why),
-        "auth": _auth_state(engine_state, worker_state, running=bool(daemons)),
-        "uploads_paused": bool(worker_state.get("uploads_paused", False)),
-        "limitations": live.get("limitations", []),
-        "counts": {s.value: counts[s] for s in JobState},
-        "oldest_waiting": _job_brief(oldest),
-        "last_error": _job_brief(last),
-        "uploaded_today_bytes": uploaded,
-        "database": _safe_url(cfg.daemon.database),
-    }
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args, require_watches=False)
     store = _store(cfg)
@@ -238,23 +208,13 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{oldest['created_at']})")  # fmt: skip
     if last:
         print(f"last error: #{last['id']} {last['path']}: {last['error']}")
+    if data["outputs_blocked"]:
+        print(f"outputs:  cannot be written, new uploads wait: {data['outputs_blocked']}")
+    if data["originals_failing"]:
+        print(f"originals: {data['originals_failing']} job(s) could not move or delete their "
+              "original; retried (see `blurd jobs --state downloading`)")  # fmt: skip
     print(f"uploaded today: {data['uploaded_today_bytes'] / 1e6:.1f} MB")
     return EXIT_OK
-
-
-def _auth_state(engine: dict[str, Any], worker: dict[str, Any], *, running: bool) -> str:
-    if not running:
-        return "unknown (daemon not running)"
-    paused = str(worker.get("auth", ""))
-    if paused.startswith("paused"):
-        return paused
-    return str(engine.get("auth", "not needed"))
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -266,7 +226,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps([_job_dict(j) for j in rows], indent=2))
+        print(json.dumps([job_dict(j) for j in rows], indent=2))
         return EXIT_OK
     shared = any(j.node and j.node != store.node for j in rows)
     for j in rows:
@@ -309,7 +269,7 @@ def cmd_db(args: argparse.Namespace) -> int:
         return EXIT_OK
     name = "daemon.database"  # until the URL is known to parse: never print a password
     try:
-        name = _safe_url(url)
+        name = safe_url(url)
         # The driver the store uses (psycopg 3), not SQLAlchemy's default for postgresql://.
         engine = create_engine(re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url))
         try:
@@ -389,37 +349,6 @@ class _BarProgress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _job_dict(j: Job) -> dict[str, Any]:
-    return {
-        "id": j.id,
-        "watch": j.watch,
-        "path": j.rel_path,
-        "state": j.state.value,
-        "size": j.size,
-        "sha256": j.sha256,
-        "remote_id": j.remote_id,
-        "node": j.node,
-        "attempts": j.attempts,
-        "error": j.error,
-        "progress": j.progress,
-        "output_media": j.output_media,
-        "output_detections": j.output_detections,
-        "created_at": _iso(j.created_at),
-        "updated_at": _iso(j.updated_at),
-    }
-
-
-def _job_brief(j: Job | None) -> dict[str, Any] | None:
-    if j is None:
-        return None
-    return {"id": j.id, "path": j.rel_path, "state": j.state.value, "error": j.error,
-            "created_at": _iso(j.created_at)}  # fmt: skip
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,12 +4,10 @@ notifications, metrics, config reload on SIGHUP, and a clean stop."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -22,6 +20,7 @@ from blurd.health import DatabaseHealth
 from blurd.metrics import Metrics
 from blurd.models import JobState
 from blurd.notify import Notifier
+from blurd.signals import Signals
 from blurd.store import Store
 from blurd.watcher import FolderWatcher, Watcher
 from blurd.worker import Timing, Worker
@@ -67,40 +66,6 @@ def _pid_alive(pid: object) -> bool:
     except PermissionError:
         return True
     return True
-
-
-class Signals:
-    """SIGTERM/SIGINT set ``stop`` (a second one exits at once); SIGHUP sets ``reload``.
-
-    The handlers only set events, so they are safe wherever the main thread happens to be.
-    """
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.reload = threading.Event()
-        self._stops = 0
-
-    def handle_stop(self, signum: int, _frame: FrameType | None) -> None:
-        self._stops += 1
-        if self._stops > 1:
-            os._exit(128 + signum)
-        self.stop.set()
-
-    def handle_reload(self, _signum: int, _frame: FrameType | None) -> None:
-        self.reload.set()
-
-    def signal_map(self) -> dict[int, Callable[[int, FrameType | None], None]]:
-        return {
-            signal.SIGTERM: self.handle_stop,
-            signal.SIGINT: self.handle_stop,
-            signal.SIGHUP: self.handle_reload,
-        }
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig, handler in self.signal_map().items():
-            signal.signal(sig, handler)
 
 
 def run(

@@ -18,8 +18,9 @@ from daemon.pidfile import TimeoutPIDLockFile
 
 from blurd import logs
 from blurd.config import Config
-from blurd.daemon import Signals, run
+from blurd.daemon import run
 from blurd.errors import BlurdError
+from blurd.signals import Signals
 
 PIDFILE_UMASK = 0o027
 

@@ -1,13 +1,12 @@
 """The originals policy (keep, move, delete), applied only to the version that was processed.
 
-Between hashing a file and finishing its job, the watch folder may change: the file may be
-replaced by another under the same name, or a folder on its path swapped for a symlink that
-leads outside the watch. Acting on whatever is at the path then would delete or archive a file
-blurd never anonymized. So every path is walked from the watch root one folder at a time with
-``O_NOFOLLOW`` and relative to the folder already open, and the file is acted on only if it is
-a regular file whose size and mtime (and device and inode, when recorded) match the version
-processed; anything else raises ``OriginalChanged`` with nothing done. The archive tree is
-walked (and created) the same way, so a symlink inside it cannot send the original elsewhere.
+Between hashing a file and finishing its job, the file may be replaced under the same name,
+or a folder on its path swapped for a symlink leading outside the watch: acting on whatever is
+at the path would delete or archive a file blurd never anonymized. So every path is walked
+from the watch root one folder at a time with ``O_NOFOLLOW``, relative to the folder already
+open, and the file is acted on only if it is a regular file matching the version processed
+(size, mtime; device, inode and ctime when recorded); else ``OriginalChanged``, nothing done.
+The archive tree is walked (and created) the same way.
 
 Checking and unlinking are two system calls; a file swapped in between is the one window left
 (POSIX has no unlink-if-inode). Linux only: ``writer.same_content`` is given names inside an
@@ -49,10 +48,9 @@ _COPY_CHUNK_BYTES = 1024 * 1024
 class Version:
     """The version of a source file that was processed, recorded when it was hashed.
 
-    ``dev``, ``ino`` and ``ctime_ns`` are None for rows recorded before they were kept: then
-    only size and mtime are compared. The ctime tells a file rewritten in place with the same
-    size and mtime (which nothing else shows) from the version processed; blurd itself only
-    reads the file, which leaves its ctime alone.
+    ``dev``, ``ino`` and ``ctime_ns`` None (rows recorded before they were kept): only size
+    and mtime are compared. Only the ctime shows a file rewritten in place with the same size
+    and mtime; blurd only reads the file, which leaves its ctime alone.
     """
 
     size: int
@@ -141,8 +139,6 @@ def apply(
         os.close(src_dir)
 
 
-# --- walking -----------------------------------------------------------------------------
-
 
 def _split(rel_path: str) -> tuple[tuple[str, ...], str]:
     """``rel_path``'s folder names and file name; refuses paths that could leave the root."""
@@ -223,11 +219,9 @@ def _at(dir_fd: int, name: str) -> Path:
 
 
 def _exists(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+    with contextlib.suppress(FileNotFoundError):
+        return bool(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+    return False
 
 
 def _unlink(dir_fd: int, name: str, path: Path, *, missing_ok: bool = False) -> None:
@@ -255,8 +249,6 @@ def _fsync_dir(dir_fd: int) -> None:
         if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
             raise
 
-
-# --- move --------------------------------------------------------------------------------
 
 
 def _claim(src_dir: int, src: str, arc_dir: int, name: str, dest_folder: Path) -> tuple[str, str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from blurd import config, daemon
 from blurd.models import Job, JobState
+from blurd.signals import Signals
 from blurd.store import Store
 from blurd.worker import Timing
 from tests.fakeblurit import FakeBlurIt, result_head
@@ -54,7 +55,7 @@ class Daemon:
         # Set before entering: `once` runs like `blurd run --once`; `signals.reload.set()` is a
         # SIGHUP, which reads the config again by calling `reload_config`.
         self.once = False
-        self.signals = daemon.Signals()
+        self.signals = Signals()
         self.reload_config: Callable[[], config.Config] | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

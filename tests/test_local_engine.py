@@ -172,6 +172,7 @@ def test_jobs_held_by_the_local_engine_before_a_restart_are_redone(tmp_path: Pat
     start-up, without using up their requeue budget, and they come out."""
     from blurd import config, daemon
     from blurd.models import JobState
+    from blurd.signals import Signals
     from blurd.store import Store
 
     inbox, outbox = tmp_path / "in", tmp_path / "out"
@@ -191,7 +192,7 @@ def test_jobs_held_by_the_local_engine_before_a_restart_are_redone(tmp_path: Pat
                       "plates": False}]}  # fmt: skip
     cfg = config.parse(raw, {})
     # Signals() not installed: the test must not take over pytest's own signal handlers.
-    assert daemon.run(cfg, once=True, signals=daemon.Signals()) == 0
+    assert daemon.run(cfg, once=True, signals=Signals()) == 0
     store = Store(db)
     row = store.get(job)
     store.close()
