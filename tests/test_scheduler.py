@@ -87,3 +87,46 @@ def test_a_job_queued_by_another_process_is_claimed_within_a_queue_look(tmp_path
                 store.close()
             wait_for(lambda: d.counts()[S.DONE] == 1, timeout=3.0, what="the retried job done")
     assert len(fake.uploads) == 1  # the accepted one; the refused one left no job
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_pool_thread_that_dies_is_replaced_and_the_work_goes_on(tmp_path: Path) -> None:
+    """A step that kills its thread (a BaseException no step handler catches) does not leave
+    the pool short: the scheduler replaces the thread, logs it, and the next files are done."""
+    import structlog
+
+    from blurd.worker import steps
+
+    original = steps.Steps.prepare
+    killed: list[int] = []
+
+    def prepare_once_fatal(self: steps.Steps, job: Any) -> Any:
+        if not killed:
+            killed.append(job.id)
+            raise SystemExit("a thread-killing bug")
+        return original(self, job)
+
+    with FakeBlurIt(job_seconds=0) as fake, structlog.testing.capture_logs() as logs:
+        steps.Steps.prepare = prepare_once_fatal  # type: ignore[method-assign]
+        try:
+            with Daemon(tmp_path, fake, daemon_keys={"max_uploads": 1}) as d:
+                for i in range(6):
+                    (d.inbox / f"f{i}.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(3000))
+                wait_for(lambda: d.counts()[S.DONE] == 5, timeout=30, what="five done")
+        finally:
+            steps.Steps.prepare = original  # type: ignore[method-assign]
+    assert [e for e in logs if e["event"] == "worker.thread_replaced"]
+
+
+def test_a_scheduler_that_stops_looping_is_not_alive() -> None:
+    """systemd's watchdog is fed only while the work moves: a scheduler whose last loop is
+    older than a minute reports itself not alive, one that just looped reports alive."""
+    from blurd.worker import Worker
+
+    now = [0.0]
+    worker = Worker(None, None, [], monotonic=lambda: now[0])  # type: ignore[arg-type]
+    assert worker.alive()
+    now[0] = 61.0
+    assert not worker.alive()
+    worker.heartbeat = now[0]
+    assert worker.alive()
