@@ -198,3 +198,40 @@ def test_jobs_held_by_the_local_engine_before_a_restart_are_redone(tmp_path: Pat
     store.close()
     assert row is not None and row.state is JobState.DONE and row.requeues == 0
     assert (outbox / "a.png").is_file()
+
+
+@pytest.mark.parametrize("policy", ["delete", "move"])
+def test_the_local_engine_leaves_originals_movable_and_results_reusable(
+    tmp_path: Path, policy: str
+) -> None:
+    """The local engine hard-links its input (which changes the file's ctime): the original
+    is still recognised as the version processed, so `delete` and `move` act on it, and the
+    job keeps its hash, so an identical file later reuses the result without a second run."""
+    import shutil
+
+    from blurd import config, daemon
+    from blurd.models import JobState
+    from blurd.signals import Signals
+    from blurd.store import Store
+
+    inbox, outbox, archive = tmp_path / "in", tmp_path / "out", tmp_path / "archive"
+    inbox.mkdir()
+    photo = inbox / "a.png"
+    cv2.imwrite(str(photo), gradient_image(64, 48))
+    data = photo.read_bytes()
+    db = f"sqlite:///{tmp_path}/blurd.db"
+    watch = {"path": str(inbox), "output": str(outbox), "settle_seconds": 0.1, "plates": False,
+             "originals": policy, **({"archive": str(archive)} if policy == "move" else {})}
+    cfg = config.parse({"daemon": {"database": db, "engine": "local"}, "watch": [watch]}, {})
+    assert daemon.run(cfg, once=True, signals=Signals()) == 0
+    assert not photo.exists() and (outbox / "a.png").is_file()
+    if policy == "move":
+        assert (archive / "a.png").read_bytes() == data
+    (inbox / "b.png").write_bytes(data)
+    shutil.copystat(outbox / "a.png", inbox / "b.png")
+    assert daemon.run(cfg, once=True, signals=Signals()) == 0
+    store = Store(db)
+    jobs = {j.rel_path: j for j in store.list_jobs()}
+    store.close()
+    assert jobs["a.png"].state is JobState.DONE and jobs["a.png"].sha256 is not None
+    assert jobs["b.png"].state is JobState.DONE and jobs["b.png"].remote_id is None

@@ -59,6 +59,11 @@ class Engine(ABC):
     #: whether a job submitted before a restart can still be polled and fetched after it
     #: (BlurIt's jobs live on the server; the local engine's die with the process)
     keeps_jobs_across_restarts: bool = True
+    #: whether submitting a file changes its ctime (the local engine hard-links its input as a
+    #: snapshot, and a link count change is a ctime change): then a file rewritten in place
+    #: with the same size and mtime cannot be told from the version sent, and blurd compares
+    #: size, mtime, device and inode only
+    changes_input_ctime: bool = False
 
     @abstractmethod
     def submit(self, path: Path, options: Options) -> str: ...

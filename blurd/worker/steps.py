@@ -9,6 +9,7 @@ an exception that is none of those is a bug, which the scheduler turns into a re
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -167,7 +168,10 @@ class Steps:
             return o.Fail(_unreadable(exc))
         except Exception as exc:
             return _mapped(exc, "upload")
-        return o.Submitted(remote_id, before.size, uncertain=identity(path) != before)
+        after = identity(path)
+        if after is not None and self.engine.changes_input_ctime:
+            after = dataclasses.replace(after, ctime_ns=before.ctime_ns)
+        return o.Submitted(remote_id, before.size, uncertain=after != before)
 
     def poll(self, job: Job) -> o.Outcome:
         assert job.remote_id is not None
@@ -238,7 +242,8 @@ class Steps:
             return o.Fail(str(exc))
         if watch.originals == "keep":
             return o.Done()
-        version = originals.Version(job.size, job.mtime_ns, job.dev, job.ino, job.ctime_ns)
+        ctime = None if self.engine.changes_input_ctime else job.ctime_ns
+        version = originals.Version(job.size, job.mtime_ns, job.dev, job.ino, ctime)
         try:
             moved = originals.apply(
                 watch.originals, watch.path, job.rel_path, version, watch.archive

@@ -87,6 +87,7 @@ class LocalEngine(Engine):
     supported_extensions = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
     max_poll_interval_s = 2.0
     keeps_jobs_across_restarts = False
+    changes_input_ctime = True  # its input is hard-linked into the job's folder (_snapshot)
 
     def __init__(
         self, *, workers: int | None = None, plate_model: str = "", work_dir: Path | None = None
@@ -257,7 +258,7 @@ class LocalEngine(Engine):
             return self._jobs.pop(remote_id, None)
 
 
-def _snapshot(path: Path, target: Path) -> Path:
+def _snapshot(path: Path, target: Path) -> Path:  # see Engine.changes_input_ctime
     """A hard link to the input, so that a later change of name cannot touch the job."""
     try:
         os.link(path, target)
