@@ -335,7 +335,7 @@ class WorkerUnderFaults(RuleBasedStateMachine):
 
 
 WorkerUnderFaults.TestCase.settings = settings(
-    max_examples=int(os.environ.get("BLURD_SIM_EXAMPLES", "40")),
+    max_examples=int(os.environ.get("BLURD_SIM_EXAMPLES", "100")),
     stateful_step_count=int(os.environ.get("BLURD_SIM_STEPS", "80")),
     deadline=None,
     derandomize=True,
