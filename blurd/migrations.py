@@ -52,6 +52,7 @@ def _v2_node_and_lease(conn: Connection) -> None:
 def _v3_identity_and_retention(conn: Connection) -> None:
     for column in ("dev", "ino", "ctime_ns"):
         _add_column(conn, "jobs", column, "BIGINT")
+    _add_column(conn, "jobs", "maybe_sent", "INTEGER")
     _create_index(conn, "ix_jobs_retention")
 
 
@@ -59,7 +60,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "jobs.node and jobs.lease_until: which daemon holds a job", _v2_node_and_lease),
     Migration(
         3,
-        "jobs.dev, jobs.ino and jobs.ctime_ns: the file hashed; an index for retention",
+        "jobs.dev, jobs.ino and jobs.ctime_ns: the file hashed; jobs.maybe_sent: submits that "
+        "may have created a job; an index for retention",
         _v3_identity_and_retention,
     ),
 )

@@ -98,6 +98,9 @@ jobs = Table(
     Column("dev", BigInteger),
     Column("ino", BigInteger),
     Column("ctime_ns", BigInteger),
+    # Submits of this job that may have created a job at the API without blurd learning its id
+    # (each a possible double charge): bounded, and never reset.
+    Column("maybe_sent", Integer),
     UniqueConstraint("watch", "rel_path", "size", "mtime_ns", name="uq_jobs_version"),
     Index("ix_jobs_state_due", "state", "next_attempt_at"),
     Index("ix_jobs_content", "sha256", "fingerprint", "state"),
@@ -175,6 +178,7 @@ class Job:
     dev: int | None = None
     ino: int | None = None
     ctime_ns: int | None = None
+    maybe_sent: int | None = None
 
     @classmethod
     def from_row(cls, row: object) -> Job:

@@ -61,10 +61,11 @@ def test_each_engine_error_has_its_outcome(
 
 
 def test_bounded_outcomes_carry_their_bound() -> None:
-    """A possible double charge, a refused job and a bad body are retried a bounded number of
-    times; an ordinary transient error is not."""
-    possibly = o.outcome_of(PossiblySubmitted("x"), "upload")
-    assert isinstance(possibly, o.Retry) and possibly.double_charge and possibly.max_attempts
+    """A refused job and a bad body are retried a bounded number of times in a row; a possible
+    double charge is marked (the applier bounds it by the job's own count); an ordinary
+    transient error is not bounded."""
+    possibly = o.outcome_of(PossiblySubmitted("x"), "upload")  # bounded by jobs.maybe_sent
+    assert isinstance(possibly, o.Retry) and possibly.double_charge
     for error in (JobRefused("403"), BadResult("empty")):
         bounded = o.outcome_of(error, "poll")
         assert isinstance(bounded, o.Retry) and bounded.max_attempts

@@ -453,3 +453,24 @@ def test_a_402_pause_with_nothing_left_to_upload_lets_the_scheduler_sleep(world:
         world.clock.advance(world.worker.tick())
     assert world.clock.mono - 1000.0 > 3600 + 100 * 60, "the scheduler woke up too often"
     world.close()
+
+
+def test_only_submits_that_may_have_created_a_job_count_towards_their_bound(world: World) -> None:
+    """A 503, a 429 and two timeouts after the body was sent: the job is still retried and
+    done (only the two may have cost money); a third such submit ends it without a fourth.
+    (The soak found jobs failed by a 503, a 429 and one drop counted together.)"""
+    first, second = (world.all_watches[1].path / n for n in ("a.jpg", "b.jpg"))
+    first.write_bytes(CONTENTS[0])
+    world.engine.faults["submit"] = ["503", "429", "timeout_after_send", "timeout_after_send"]
+    world.enqueue(first)
+    world.run(3600)
+    (job,) = world.raw.list_jobs()
+    assert job.state is S.DONE and job.maybe_sent == 2
+    second.write_bytes(CONTENTS[1])
+    world.engine.faults["submit"] = ["timeout_after_send"] * 3 + ["503"] * 5
+    world.enqueue(second)
+    world.run(3600)
+    jobs = {j.rel_path: j for j in world.raw.list_jobs()}
+    assert jobs["b.jpg"].state is S.FAILED and "not sent again" in (jobs["b.jpg"].error or "")
+    assert world.engine.faults["submit"] == ["503"] * 5  # no fourth submit
+    world.close()

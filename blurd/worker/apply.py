@@ -218,9 +218,16 @@ class Applier:
         if out.max_attempts is not None and attempts >= out.max_attempts:
             self._fail(job, f"{out.reason} ({attempts} times in a row; giving up)")
             return
+        extra: dict[str, Any] = {}
         if out.double_charge:
+            maybe_sent = (job.maybe_sent or 0) + 1
             log.warning("job.possible_double_charge", job_id=job.id, path=job.rel_path,
-                        reason=out.reason, attempt=attempts)  # fmt: skip
+                        reason=out.reason, submits_that_may_exist=maybe_sent)  # fmt: skip
+            if maybe_sent >= defaults.POSSIBLY_SUBMITTED_MAX:
+                self._fail(job, f"{out.reason} ({maybe_sent} submits may each have created a "
+                                "job; not sent again)")  # fmt: skip
+                return
+            extra["maybe_sent"] = maybe_sent
         now = self.mono()
         if out.output_blocked and self.gates.output.blocked(out.reason, now):
             log.error("outputs.blocked", detail=out.reason,
@@ -231,7 +238,7 @@ class Applier:
         delay = 0.0 if out.immediate else backoff(attempts, self.timing, self.rng,
                                                   out.retry_after_s)  # fmt: skip
         fields: dict[str, Any] = dict(attempts=attempts, error=out.reason,
-                                      next_attempt_at=self.clock() + delay)  # fmt: skip
+                                      next_attempt_at=self.clock() + delay, **extra)
         if job.state is S.UPLOADING:
             moved = self.store.transition(job.id, S.UPLOADING, S.QUEUED, **fields)
             if moved:

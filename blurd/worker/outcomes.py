@@ -158,8 +158,8 @@ class Rule:
 def _transient(exc: BaseException, step: Step) -> Outcome:
     assert isinstance(exc, TransientApiError)
     if step == "upload" and isinstance(exc, PossiblySubmitted):
-        return Retry(str(exc), exc.retry_after_s, double_charge=True,
-                     max_attempts=defaults.POSSIBLY_SUBMITTED_MAX)  # fmt: skip
+        # bounded by the job's own count of such submits (jobs.maybe_sent), not by attempts
+        return Retry(str(exc), exc.retry_after_s, double_charge=True)
     return Retry(str(exc), exc.retry_after_s)
 
 
