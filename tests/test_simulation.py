@@ -474,3 +474,29 @@ def test_only_submits_that_may_have_created_a_job_count_towards_their_bound(worl
     assert jobs["b.jpg"].state is S.FAILED and "not sent again" in (jobs["b.jpg"].error or "")
     assert world.engine.faults["submit"] == ["503"] * 5  # no fourth submit
     world.close()
+
+
+def test_an_outcome_that_cannot_be_applied_leaves_no_job_held_for_ever(world: World) -> None:
+    """A bug while an upload's outcome is applied (not a database error): the job goes back
+    to the queue instead of staying `uploading` under a lease this node renews for ever, and
+    it is done once the bug is gone."""
+    original = world.worker.applier._submitted
+    calls: list[int] = []
+
+    def broken_once(job, out):  # type: ignore[no-untyped-def]
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise ValueError("a bug in applying")
+        original(job, out)
+
+    world.worker.applier._submitted = broken_once  # type: ignore[method-assign]
+    path = world.all_watches[1].path / "a.jpg"
+    path.write_bytes(CONTENTS[0])
+    world.enqueue(path)
+    world.run(1)
+    (job,) = world.raw.list_jobs()
+    assert job.state is S.QUEUED and job.node is None, job
+    world.run(600)
+    (job,) = world.raw.list_jobs()
+    assert job.state is S.DONE and len(calls) == 2
+    world.close()

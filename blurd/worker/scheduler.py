@@ -327,9 +327,25 @@ class Worker:
             return self.applier.apply(f.job, f.step, outcome)
         except Exception:
             log.exception("job.apply_error", job_id=f.job.id, path=f.job.rel_path, step=f.step)
-            if f.job.state in (S.PROCESSING, S.DOWNLOADING):  # try again later, from the row
-                self.board.hold(f.job.id, self.mono() + self.timing.backoff_cap_s / 10)
+            self._after_apply_error(f.job)
             return None
+
+    def _after_apply_error(self, job: Job) -> None:
+        """An outcome could not be applied (a bug): leave the job where a later try finds it.
+        Left as it was, an ``uploading`` or claimed ``queued`` row would keep this node's
+        lease, renewed for ever, and no node would ever take it up again."""
+        later = self.timing.backoff_cap_s / 10
+        try:
+            if job.state is S.UPLOADING:
+                self.store.transition(job.id, S.UPLOADING, S.QUEUED, error="internal error",
+                                      next_attempt_at=self.clock() + later)  # fmt: skip
+                self.board.news(job.sha256 is not None, self.mono() + later)
+            elif job.state is S.QUEUED:
+                self.store.release(job.id)
+            else:
+                self.board.hold(job.id, self.mono() + later)
+        except Exception:  # the database too: the lease lapses, a restart recovers the job
+            log.exception("job.apply_error", job_id=job.id, path=job.rel_path)
 
     # ------------------------------------------------------------------ upkeep
 
