@@ -44,9 +44,7 @@ class Store(Queue, Claims, Leases, Nodes, Status, Retention):
         upgrade: bool | None = None,
         twin_wait_s: float = defaults.TWIN_WAIT_S,
     ) -> None:
-        """Open the database; ``upgrade``: True applies pending migrations, False refuses an
-        older schema, None (the default) upgrades a SQLite file or a new database only: a
-        shared database is upgraded on purpose, with `blurd db upgrade`."""
+        """Open the database (see ``Database.__init__``); ``twin_wait_s`` as above."""
         self.twin_wait_s = twin_wait_s
         self.rehashed = 0
         super().__init__(url, clock=clock, node=node, lease_s=lease_s, upgrade=upgrade)
