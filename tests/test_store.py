@@ -171,3 +171,31 @@ def test_the_file_identity_is_recorded_with_the_hash(tmp_path: Path, store: Stor
     assert store.update(job, S.QUEUED, dev=2**63, ino=5, ctime_ns=6)
     row = store.get(job)
     assert row is not None and (row.dev, row.ino, row.ctime_ns) == (-(2**63), 5, 6)
+
+
+def test_batches_and_lookups_of_any_size_reuse_a_few_statements(store: Store) -> None:
+    """The drivers keep every statement they ran (sqlite3: 128 per connection, up to 330 KiB
+    each for a multi-row INSERT), so a statement per batch size made the daemon's memory grow
+    with every file (scripts/soak). Whatever the sizes, only a few distinct statements run."""
+    from sqlalchemy import event
+
+    seen: set[str] = set()
+
+    def record(_conn, _cursor, statement, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+        seen.add(statement)
+
+    n = 0
+    for engine in (store.engine, store._durable):
+        event.listen(engine, "before_cursor_execute", record)
+    for size in [1, 2, 3, 63, 64, 65, 127, 200, 333, 999, 1000, 1001]:
+        added = store.enqueue_many("w", [(f"f{n + i}.jpg", 1, 1) for i in range(size)])
+        assert len(added) == size
+        n += size
+    inserts = {s for s in seen if s.startswith("INSERT")}
+    seen.clear()
+    for size in range(1, 101):
+        ids = list(range(1, size + 1))
+        assert [j.id for j in sorted(store.get_many(ids), key=lambda j: j.id)] == ids
+    assert len(inserts) == 2  # a full chunk and a single row
+    assert len(seen) <= 8  # lookups of 1, 2, 4 … 128 jobs
+    assert store.counts()[S.QUEUED] == n

@@ -7,7 +7,7 @@ import math
 from sqlalchemy import Integer, and_, bindparam, delete, exists, not_, or_, select
 
 from blurd.models import JobState, jobs
-from blurd.store.database import Database
+from blurd.store.database import Database, padded_ids
 
 
 class Retention(Database):
@@ -32,7 +32,7 @@ class Retention(Database):
                     rows = conn.execute(_PAGE, {**page, "k_at": after[0], "k_id": after[1]}).all()
                     if rows:
                         ids = [int(r.id) for r in rows]
-                        gone = conn.execute(_DELETE, {**page, "k_ids": ids}).rowcount
+                        gone = conn.execute(_DELETE, {**page, "k_ids": padded_ids(ids)}).rowcount
                         deleted += int(gone)
                 if len(rows) < batch:
                     break

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import bindparam, func, select
 
 from blurd.models import ACTIVE_STATES, IN_FLIGHT_STATES, Job, JobState, jobs
-from blurd.store.database import Database
+from blurd.store.database import Database, padded_ids
 
 
 class Status(Database):
@@ -22,7 +22,7 @@ class Status(Database):
         if not wanted:
             return []
         with self._tx() as conn:
-            return [Job.from_row(r) for r in conn.execute(_GET_MANY, {"k_ids": wanted})]
+            return [Job.from_row(r) for r in conn.execute(_GET_MANY, {"k_ids": padded_ids(wanted)})]
 
     def held_at_engine(self) -> dict[int, float]:
         """The jobs at the engine that this node holds: id -> when their next step is due."""
