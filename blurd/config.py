@@ -14,11 +14,13 @@ from typing import Any
 
 from blurd import defaults, layout
 from blurd.errors import ConfigError
+from blurd.metadata.policy import Policy
 from blurd.options import STYLES, Area, Options
 
 SYSTEM_CONFIG = Path("/etc/blurd/config.toml")
 ENGINES = ("blurit", "local")
 ORIGINALS = ("keep", "move", "delete")
+METADATA = tuple(p.value for p in Policy)
 CREDENTIAL_NAME = "blurit_secret_id"
 _HEX_COLOR = re.compile(r"^#?[0-9a-fA-F]{6}$")
 
@@ -280,6 +282,7 @@ def _watch(r: _Reader, t: Any, where: str) -> WatchConfig:
     known = {
         "path", "output", "recursive", "faces", "plates", "detections", "style", "color",
         "pixels", "padding", "area", "originals", "archive", "settle_seconds", "polling",
+        "metadata",
     }  # fmt: skip
     r.no_unknown(t, where, known)
     if "path" not in t:
@@ -311,7 +314,10 @@ def _watch(r: _Reader, t: Any, where: str) -> WatchConfig:
         pixels=pixels,
         padding=padding,
         area=_area(r, t.get("area"), f"{where}.area"),
+        metadata=r.get(t, where, "metadata", str, "strip"),
     )
+    if options.metadata not in METADATA:
+        raise r.error(f"{where}.metadata", f"must be one of {', '.join(METADATA)}")
     originals = r.get(t, where, "originals", str, "keep")
     if originals not in ORIGINALS:
         raise r.error(f"{where}.originals", f"must be one of {', '.join(ORIGINALS)}")

@@ -36,6 +36,9 @@ class Options:
     pixels: int = 10
     padding: int = 0
     area: Area = field(default_factory=Area)
+    # what of the input's metadata the output carries (blurd.metadata.policy); blurd applies
+    # it, not the engine, but it changes the output, so it is part of the fingerprint
+    metadata: str = "strip"
 
     def fingerprint(self, engine: str) -> str:
         """A stable digest of everything that changes an engine's output."""

@@ -22,19 +22,22 @@ import os
 import secrets
 import shutil
 import stat
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import BinaryIO
 
 from blurd.defaults import TEMP_PREFIX
-from blurd.errors import RejectedInput
-from blurd.models import int64
+from blurd.versions import (
+    NOT_A_FOLDER,
+    OriginalChanged,
+    Version,
+    checked_stat,
+    named,
+    not_processed,
+    split_rel,
+    walk,
+)
 from blurd.writer import numbered, same_content
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_NOFOLLOW_DIR_FLAGS = _DIR_FLAGS | os.O_NOFOLLOW
-# O_NOFOLLOW on a symlink gives ELOOP; with O_DIRECTORY Linux reports ENOTDIR instead.
-_NOT_A_FOLDER = frozenset({errno.ELOOP, errno.ENOTDIR})
 # link() errors meaning "this filesystem cannot hard-link" (SMB, some FUSE); EXDEV is handled
 # before these, as a copy.
 _LINK_UNSUPPORTED = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
@@ -42,41 +45,6 @@ _DIR_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUP
 _MAX_NUMBERED_NAMES = 10_000
 _TEMP_NAME_ATTEMPTS = 16
 _COPY_CHUNK_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Version:
-    """The version of a source file that was processed, recorded when it was hashed.
-
-    ``dev``, ``ino`` and ``ctime_ns`` None (rows recorded before they were kept): only size
-    and mtime are compared. Only the ctime shows a file rewritten in place with the same size
-    and mtime; blurd only reads the file, which leaves its ctime alone.
-    """
-
-    size: int
-    mtime_ns: int
-    dev: int | None
-    ino: int | None
-    ctime_ns: int | None = None
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Version:
-        """The version described by ``st`` (an ``lstat`` of the file being hashed)."""
-        return cls(st.st_size, st.st_mtime_ns, int64(st.st_dev), int64(st.st_ino),
-                   int64(st.st_ctime_ns))  # fmt: skip
-
-    def matches(self, st: os.stat_result) -> bool:
-        """Whether ``st`` is a regular file and this version of it."""
-        # dev and ino as the jobs table stores them: folded into signed 64 bits
-        same_id = self.dev in (None, int64(st.st_dev)) and self.ino in (None, int64(st.st_ino))
-        same_id = same_id and self.ctime_ns in (None, int64(st.st_ctime_ns))
-        same_data = (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
-        return stat.S_ISREG(st.st_mode) and same_data and same_id
-
-
-class OriginalChanged(Exception):
-    """The file at the path is not the version processed (or is a symlink, or not a regular
-    file, or is reached through a symlink); nothing was done to it."""
 
 
 def apply(
@@ -108,22 +76,22 @@ def apply(
         raise ValueError(f"unknown originals policy {policy!r} (keep, move or delete)")
     if policy == "move" and archive_root is None:
         raise ValueError(f"originals = 'move' needs an archive folder (moving {rel_path!r})")
-    folders, name = _split(rel_path)
+    folders, name = split_rel(rel_path)
     source = watch_root.joinpath(*folders, name)
     try:
-        src_dir = _walk(watch_root, folders, create=False)
+        src_dir = walk(watch_root, folders, create=False)
     except OSError as exc:
-        if exc.errno not in _NOT_A_FOLDER:
+        if exc.errno not in NOT_A_FOLDER:
             raise
         raise OriginalChanged(f"{source} was left alone: {exc.filename} is not a folder.") from exc
     try:
-        st = _checked_stat(src_dir, name, version, source)
+        st = checked_stat(src_dir, name, version, source)
         if policy == "delete":
             _unlink(src_dir, name, source)
             return None
         assert archive_root is not None
         dest_folder = archive_root.joinpath(*folders)
-        arc_dir = _walk(archive_root, folders, create=True)
+        arc_dir = walk(archive_root, folders, create=True)
         try:
             if os.fstat(arc_dir).st_dev == st.st_dev:
                 try:
@@ -137,75 +105,6 @@ def apply(
             os.close(arc_dir)
     finally:
         os.close(src_dir)
-
-
-
-def _split(rel_path: str) -> tuple[tuple[str, ...], str]:
-    """``rel_path``'s folder names and file name; refuses paths that could leave the root."""
-    rel = PurePosixPath(rel_path)
-    if not rel_path or "\x00" in rel_path or rel.name in ("", ".", ".."):
-        raise RejectedInput(f"not a file path: {rel_path!r}")
-    if rel.is_absolute() or ".." in rel.parts:
-        raise RejectedInput(f"path must be relative and stay inside its folder: {rel_path!r}")
-    return rel.parts[:-1], rel.name
-
-
-def _named(exc: OSError, path: Path) -> OSError:
-    """``exc`` again (same errno, so the same subclass) with the full ``path`` as its name."""
-    return OSError(exc.errno, exc.strerror or str(exc), str(path))
-
-
-def _walk(root: Path, folders: tuple[str, ...], *, create: bool) -> int:
-    """Open ``root/folders`` one component at a time, never following a symlink below
-    ``root``; with ``create``, missing folders are made on the way.
-
-    ``root`` is the configured folder, opened as given (with ``create``, made as by
-    ``mkdir -p``). A component that is a symlink or a file raises ``OSError`` (ELOOP or
-    ENOTDIR) naming it.
-    """
-    try:
-        if create:
-            os.makedirs(root, exist_ok=True)
-        fd = os.open(root, _DIR_FLAGS)
-    except OSError as exc:
-        raise _named(exc, root) from exc
-    here = root
-    try:
-        for part in folders:
-            here = here / part
-            try:
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o777, dir_fd=fd)
-                child = os.open(part, _NOFOLLOW_DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in _NOT_A_FOLDER:
-                    what = "a symlink or a file, not a folder (symlinks are not followed)"
-                    raise OSError(exc.errno, what, str(here)) from exc
-                raise _named(exc, here) from exc
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _checked_stat(dir_fd: int, name: str, version: Version, path: Path) -> os.stat_result:
-    """``lstat`` of ``name`` in ``dir_fd``; ``OriginalChanged`` unless it is ``version``."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as exc:
-        raise _named(exc, path) from exc
-    if stat.S_ISLNK(st.st_mode):
-        raise OriginalChanged(f"{path} was left alone: it is now a symlink.")
-    if not version.matches(st):
-        raise OriginalChanged(_not_processed(path))
-    return st
-
-
-def _not_processed(path: Path) -> str:
-    return f"{path} was left alone: it is not the version that was processed."
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
@@ -233,7 +132,7 @@ def _unlink(dir_fd: int, name: str, path: Path, *, missing_ok: bool = False) -> 
             raise
         return
     except OSError as exc:
-        raise _named(exc, path) from exc
+        raise named(exc, path) from exc
     _fsync_dir(dir_fd)
 
 
@@ -248,7 +147,6 @@ def _fsync_dir(dir_fd: int) -> None:
     except OSError as exc:
         if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
             raise
-
 
 
 def _claim(src_dir: int, src: str, arc_dir: int, name: str, dest_folder: Path) -> tuple[str, str]:
@@ -281,7 +179,7 @@ def _claim(src_dir: int, src: str, arc_dir: int, name: str, dest_folder: Path) -
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 raise
-            raise _named(exc, dest_folder / candidate) from exc
+            raise named(exc, dest_folder / candidate) from exc
         if same_content(_at(src_dir, src), _at(arc_dir, candidate)):
             return candidate, "identical"
     raise FileExistsError(errno.EEXIST, "no free numbered name", str(dest_folder / name))
@@ -298,7 +196,7 @@ def _unlink_if_same_inode(src_dir: int, name: str, st: os.stat_result, source: P
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _named(exc, source) from exc
+        raise named(exc, source) from exc
     if _same_inode(now, st):
         _unlink(src_dir, name, source, missing_ok=True)
 
@@ -312,7 +210,7 @@ def _move_same_device(
         linked = os.stat(final, dir_fd=arc_dir, follow_symlinks=False)
         if not _same_inode(linked, st):  # the name was swapped between check and link
             _unlink(arc_dir, final, dest_folder / final)
-            raise OriginalChanged(_not_processed(source))
+            raise OriginalChanged(not_processed(source))
     _fsync_dir(arc_dir)
     if how == "renamed":
         _fsync_dir(src_dir)
@@ -336,11 +234,11 @@ def _move_across(
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OriginalChanged(f"{source} was left alone: it is now a symlink.") from exc
-        raise _named(exc, source) from exc
+        raise named(exc, source) from exc
     with os.fdopen(src_fd, "rb") as src:
         st = os.fstat(src.fileno())
         if not version.matches(st):
-            raise OriginalChanged(_not_processed(source))
+            raise OriginalChanged(not_processed(source))
         tmp = _copy_to_temp(src, st, arc_dir, dest_folder)
         copied_clean = version.matches(os.fstat(src.fileno()))
     try:
@@ -356,12 +254,12 @@ def _move_across(
     except FileNotFoundError:
         now = None
     except OSError as exc:
-        raise _named(exc, source) from exc
+        raise named(exc, source) from exc
     replaced = now is not None and not (version.matches(now) and _same_inode(now, st))
     if not copied_clean or replaced:
         if how != "identical":  # a copy of a version nobody asked to archive
             _unlink(arc_dir, final, dest_folder / final, missing_ok=True)
-        raise OriginalChanged(_not_processed(source))
+        raise OriginalChanged(not_processed(source))
     if now is not None:
         _unlink(src_dir, name, source, missing_ok=True)
     return final
@@ -379,7 +277,7 @@ def _copy_to_temp(src: BinaryIO, st: os.stat_result, arc_dir: int, dest_folder: 
         except FileExistsError:
             continue
         except OSError as exc:
-            raise _named(exc, dest_folder / tmp) from exc
+            raise named(exc, dest_folder / tmp) from exc
     else:
         raise FileExistsError(errno.EEXIST, "no free temp file name", str(dest_folder))
     try:
@@ -392,6 +290,6 @@ def _copy_to_temp(src: BinaryIO, st: os.stat_result, arc_dir: int, dest_folder: 
     except BaseException as exc:
         _discard(arc_dir, tmp)
         if isinstance(exc, OSError):
-            raise _named(exc, dest_folder / tmp) from exc
+            raise named(exc, dest_folder / tmp) from exc
         raise
     return tmp

@@ -115,6 +115,13 @@ def numbered(target: Path, n: int) -> Path:
 # --- temp files --------------------------------------------------------------------------
 
 
+def temp_name(target: Path, *, suffix: str = "") -> Path:
+    """A new temp file name (``TEMP_PREFIX``, 64 random bits) in ``target``'s folder, for a
+    writer that creates the file itself with O_EXCL; the folder is made if needed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
+
+
 class TempFile:
     """A new, private (0o600) temp file in ``target``'s folder, created along with that folder.
 

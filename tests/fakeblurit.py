@@ -5,9 +5,10 @@ GET /innovation-service/result/<name>. Tokens expire server-side; refresh tokens
 both encodings of nested fields are accepted; faults can be switched on per route: an error
 status, a dropped connection, a late answer, a request served as usual but answered with a
 mangled body, and a server that stops taking connections.
-The anonymized media is ``result_head(sha256_hex(input), ext) + input``: the leading bytes of a
-file of the result's type (blurd checks them before it places a result, as it would a real
-API's), then ``b"BLURRED:" + sha256_hex(input) + b"\\n"``.
+The anonymized media (``result_bytes(input, ext)``) holds ``b"BLURRED:" + sha256_hex(input) +
+b"\\n"`` and the input: photos as well-formed JPEG, PNG or WEBP files (blurd rewrites their
+metadata before placing them), other types behind the leading bytes of a file of their type
+(blurd checks them before it places a result, as it would a real API's).
 
 Uploads are spooled to a temp file and parsed in chunks, so a 1 GiB upload never sits in
 memory; the result is streamed from that same file.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import mimetypes
 import random
@@ -30,6 +32,8 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -58,9 +62,69 @@ MEDIA_HEADS = {
 }  # fmt: skip
 
 
+# Photos come back as well-formed files, since blurd rewrites their metadata segments before
+# placing them: the marker and the input travel as a JPEG scan (0xFF stuffed), a PNG IDAT
+# chunk or a WEBP VP8L bitstream, which blurd copies unchanged.
+_JPEG_FRAME = (
+    b"\xff\xd8"  # SOI
+    + b"\xff\xc0\x00\x0b\x08\x00\x01\x00\x01\x01\x01\x11\x00"  # SOF0: 1x1, one component
+    + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"  # SOS
+)
+_PNG_IHDR = b"\x00\x00\x00\x01\x00\x00\x00\x01\x08\x00\x00\x00\x00"  # 1x1, 8-bit grey
+_FRAMED = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+
+
 def result_head(sha256_hex: str, extension: str) -> bytes:
-    """What the anonymized media of an input with this digest starts with, before the input."""
-    return MEDIA_HEADS.get(extension.lower(), b"") + b"BLURRED:" + sha256_hex.encode() + b"\n"
+    """What the anonymized media of an input with this digest starts with, before the input
+    (for a JPEG, the input's 0xFF bytes are then stuffed); not for PNG or WEBP, whose first
+    bytes depend on the input's size."""
+    marker = b"BLURRED:" + sha256_hex.encode() + b"\n"
+    kind = _FRAMED.get(extension.lower())
+    if kind == "jpeg":
+        return _JPEG_FRAME + marker
+    if kind is not None:
+        raise ValueError(f"a {extension} result's first bytes depend on its size")
+    return MEDIA_HEADS.get(extension.lower(), b"") + marker
+
+
+def _chunk_head(kind: bytes, size: int) -> bytes:
+    return size.to_bytes(4, "big") + kind
+
+
+def _result_frame(
+    sha256_hex: str, extension: str, size: int, crc: Callable[[int], int]
+) -> tuple[bytes, Callable[[bytes], bytes], bytes]:
+    """(prefix, how each piece of the input is written, suffix) of the result for an input of
+    ``size`` bytes; ``crc(start)`` is zlib.crc32 of the input continued from ``start`` (only
+    PNG asks for it)."""
+    marker = b"BLURRED:" + sha256_hex.encode() + b"\n"
+    kind = _FRAMED.get(extension.lower())
+    if kind == "jpeg":
+        return _JPEG_FRAME + marker, lambda b: b.replace(b"\xff", b"\xff\x00"), b"\xff\xd9"
+    if kind == "png":
+        ihdr = _chunk_head(b"IHDR", 13) + _PNG_IHDR
+        ihdr += zlib.crc32(ihdr[4:]).to_bytes(4, "big")
+        idat = _chunk_head(b"IDAT", len(marker) + size) + marker
+        tail = crc(zlib.crc32(idat[4:])).to_bytes(4, "big")
+        iend = _chunk_head(b"IEND", 0) + zlib.crc32(b"IEND").to_bytes(4, "big")
+        return b"\x89PNG\r\n\x1a\n" + ihdr + idat, lambda b: b, tail + iend
+    if kind == "webp":
+        bitstream = 5 + len(marker) + size  # signature, 1x1 header, then the payload
+        pad = bitstream % 2
+        riff = 4 + 8 + bitstream + pad
+        head = b"RIFF" + riff.to_bytes(4, "little") + b"WEBP" + b"VP8L"
+        head += bitstream.to_bytes(4, "little") + b"\x2f\x00\x00\x00\x00" + marker
+        return head, lambda b: b, b"\x00" * pad
+    return MEDIA_HEADS.get(extension.lower(), b"") + marker, lambda b: b, b""
+
+
+def result_bytes(data: bytes, extension: str) -> bytes:
+    """The whole anonymized media the server returns for the input ``data``."""
+    sha = hashlib.sha256(data).hexdigest()
+    prefix, piece, suffix = _result_frame(
+        sha, extension, len(data), lambda start: zlib.crc32(data, start)
+    )
+    return prefix + piece(data) + suffix
 
 
 @dataclass(frozen=True)
@@ -300,6 +364,9 @@ class FakeBlurIt:
         # the bare token): a sloppy API that pads them with whitespace
         self.token_padding = ("", "")
         self.result_content_length = True  # False: results end when the connection closes
+        # True: the media result is the upload itself, metadata included, as the real API
+        # returns a photo's EXIF (GPS too) with its blurred pixels
+        self.echo_media = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._tokens: dict[str, float] = {}  # access token -> expiry (monotonic)
@@ -711,6 +778,27 @@ class FakeBlurIt:
             job = self._jobs.get(job_id)
         return {"status": "Unknown job"} if job is None else self._state(job)
 
+    @staticmethod
+    def _media(job: _Job) -> Iterator[bytes]:
+        """The uploaded media, in chunks, from the job's spool."""
+        left = job.upload.size
+        with job.spool.open("rb") as f:
+            f.seek(job.offset)
+            while left > 0 and (data := f.read(min(CHUNK_BYTES, left))):
+                left -= len(data)
+                yield data
+
+    def _scan(self, job: _Job) -> tuple[int, Callable[[int], int]]:
+        """(0xFF bytes in the media, zlib.crc32 of the media continued from a start value)."""
+        ff = sum(chunk.count(b"\xff") for chunk in self._media(job))
+
+        def crc(start: int) -> int:
+            for chunk in self._media(job):
+                start = zlib.crc32(chunk, start)
+            return start
+
+        return ff, crc
+
     def _result(self, h: _Handler, name: str) -> None:
         self._authorize(h)
         with self._lock:
@@ -732,21 +820,24 @@ class FakeBlurIt:
             )
             h.wfile.write(data)
             return
-        head = result_head(upload.sha256, job.extension)
-        total = len(head) + upload.size
+        framed = job.extension.lower() in _FRAMED and not self.echo_media
+        ff_count, crc_start = self._scan(job) if framed else (0, lambda start: start)
+        head, piece, tail = _result_frame(upload.sha256, job.extension, upload.size, crc_start)
+        if self.echo_media:
+            head, piece, tail = b"", (lambda b: b), b""
+        stuffed = ff_count if framed and _FRAMED.get(job.extension.lower()) == "jpeg" else 0
+        total = len(head) + upload.size + stuffed + len(tail)
         with self._lock:
             truncate = self._truncations > 0
             self._truncations -= int(truncate)
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         self._send_head(h, 200, total if self.result_content_length else None, ctype)
-        budget, left, data = (total // 2 if truncate else total), upload.size, head
-        with job.spool.open("rb") as f:
-            f.seek(job.offset)
-            while budget > 0 and data:
-                h.wfile.write(data[:budget])
-                budget -= len(data)
-                data = f.read(min(CHUNK_BYTES, left))
-                left -= len(data)
+        budget = total // 2 if truncate else total
+        for data in itertools.chain([head], map(piece, self._media(job)), [tail]):
+            if budget <= 0:
+                break
+            h.wfile.write(data[:budget])
+            budget -= len(data)
         if truncate:
             h.close_connection = True
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,7 @@ from blurd.models import Job, JobState
 from blurd.signals import Signals
 from blurd.store import Store
 from blurd.worker import Timing
-from tests.fakeblurit import FakeBlurIt, result_head
+from tests.fakeblurit import FakeBlurIt, result_bytes
 
 FAST = Timing(backoff_base_s=0.05, backoff_cap_s=0.5, poll_first_s=0.1, poll_max_s=0.3,
               auth_retry_first_s=0.2, auth_retry_max_s=0.5, payment_probe_s=0.5)  # fmt: skip
@@ -21,7 +20,7 @@ FAST = Timing(backoff_base_s=0.05, backoff_cap_s=0.5, poll_first_s=0.1, poll_max
 
 def anonymized(data: bytes, extension: str = ".jpg") -> bytes:
     """What the test server returns for an input."""
-    return result_head(hashlib.sha256(data).hexdigest(), extension) + data
+    return result_bytes(data, extension)
 
 
 class Daemon:

@@ -33,7 +33,7 @@ from blurd.errors import (
 )
 from blurd.options import Area, Options
 from tests.conftest import FakeClock, wait_for
-from tests.fakeblurit import FakeBlurIt, result_head
+from tests.fakeblurit import FakeBlurIt, result_bytes
 
 JOB = "/innovation-service/anonymization"
 
@@ -63,7 +63,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def blurred(data: bytes, extension: str = ".jpeg") -> bytes:
-    return result_head(hashlib.sha256(data).hexdigest(), extension) + data
+    return result_bytes(data, extension)
 
 
 def finished(engine: BlurItEngine, job_id: str) -> RemoteStatus:

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_for
-from tests.fakeblurit import FakeBlurIt, result_head
+from tests.fakeblurit import FakeBlurIt, result_bytes, result_head
 
 JOB = "/innovation-service/anonymization"
 CREDS = {"clientId": "client_test", "secretId": "secret_test"}
@@ -182,7 +182,7 @@ def test_job_runs_through_its_steps_and_serves_verifiable_results() -> None:
         assert done["output_media"].endswith(".jpeg") and done["output_json"].endswith(".json")
         got = requests.get(done["output_media"], headers=bearer(token), timeout=5)
         digest = hashlib.sha256(media).hexdigest()
-        assert got.content == result_head(digest, ".jpeg") + media
+        assert got.content == result_bytes(media, ".jpeg")
         doc = requests.get(done["output_json"], headers=bearer(token), timeout=5).json()
         assert doc["input_sha256"] == digest and doc["filename"] == "photo.jpg"
         assert fake.upload_count(digest) == 1
@@ -252,7 +252,7 @@ def test_large_upload_is_parsed_in_chunks() -> None:
         assert upload.sha256 == hashlib.sha256(media).hexdigest()
         url = status(fake, token, job_id)["output_media"]
         got = requests.get(url, headers=bearer(token), timeout=10).content
-        assert got.endswith(media)
+        assert got == result_bytes(media, ".jpeg")
 
 
 def test_garbled_replies_serve_the_request_but_mangle_the_answer(fake: FakeBlurIt) -> None:

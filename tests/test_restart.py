@@ -15,7 +15,7 @@ import pytest
 from blurd.models import JobState
 from blurd.store import Store
 from tests.conftest import wait_for
-from tests.fakeblurit import FakeBlurIt
+from tests.fakeblurit import FakeBlurIt, result_bytes
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_sigterm_during_processing_then_restart_uploads_nothing_twice(
     for name, data in files.items():
         sha = hashlib.sha256(data).hexdigest()
         assert fake.upload_count(sha) == 1, name
-        assert (tmp_path / "out" / name).read_bytes().endswith(data)
+        assert (tmp_path / "out" / name).read_bytes() == result_bytes(data, ".jpg")
     log = (tmp_path / "log.jsonl").read_text()
     assert fake.secret_id not in log
     assert '"event": "daemon.stopped"' in log

@@ -64,6 +64,9 @@ class Engine(ABC):
     #: with the same size and mtime cannot be told from the version sent, and blurd compares
     #: size, mtime, device and inode only
     changes_input_ctime: bool = False
+    #: whether the engine turns a photo by its EXIF orientation (the local engine writes it
+    #: upright): then the orientation carried into the output is 1
+    outputs_upright: bool = False
 
     @abstractmethod
     def submit(self, path: Path, options: Options) -> str: ...

@@ -190,6 +190,8 @@ class Applier:
             self.board.drop(job.id)
             return None
         self.metrics.downloaded(out.size)
+        if out.note:
+            log.info("job.metadata", job_id=job.id, path=job.rel_path, detail=out.note)
         if self.gates.output.written():
             log.info("outputs.writable", detail="new uploads resume")
         return self._next_download(dataclasses.replace(job, **fields))

@@ -78,6 +78,7 @@ class Placed:
     path: Path
     sha256: str
     size: int
+    note: str | None = None  # what became of the input's metadata, when worth a log line
 
 
 @dataclass(frozen=True)

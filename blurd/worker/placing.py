@@ -21,6 +21,9 @@ from blurd.errors import BadResult
 # Room kept free beyond an announced download: a full disk also stops the database and logs.
 _FREE_MARGIN_BYTES = 64 * 1024 * 1024
 _HEAD_BYTES = 64
+_DIGEST_CHUNK_BYTES = 1024 * 1024
+# (the engine's verified body, a new file to write from it): see fetch_into_place
+Finish = Callable[[Path, Path], object]
 
 
 class Sink:
@@ -62,12 +65,17 @@ class Sink:
 
 
 def fetch_into_place(
-    fetch: Callable[[BinaryIO], int], target: Path, part: Literal["media", "detections"]
+    fetch: Callable[[BinaryIO], int],
+    target: Path,
+    part: Literal["media", "detections"],
+    finish: Finish | None = None,
 ) -> tuple[Path, str, int]:
     """Fetch one part with ``fetch(out)``, verify it and place it at ``target`` (or a free
-    ``-N`` name); returns (final path, sha256, size). Raises ``BadResult`` when the body is not
-    what was due, ``OSError`` when it cannot be written, and whatever ``fetch`` raises; no temp
-    file is left in any case."""
+    ``-N`` name); returns (final path, sha256, size) of what was placed. With ``finish``, the
+    verified body goes to a temp file and ``finish(body, new)`` writes the file placed (the
+    media with the input's metadata: ``blurd.metadata.carry``). Raises ``BadResult`` when the
+    body is not what was due, ``OSError`` when it cannot be written, and whatever ``fetch`` or
+    ``finish`` raises; no temp file is left in any case."""
     sink: list[Sink] = []
 
     def write(out: BinaryIO) -> int:
@@ -83,5 +91,29 @@ def fetch_into_place(
             raise BadResult(problem)
         return s.size
 
-    path, size = writer.place_bytes_from(write, target)
-    return path, sink[0].sha.hexdigest(), size
+    if finish is None:
+        path, size = writer.place_bytes_from(write, target)
+        return path, sink[0].sha.hexdigest(), size
+    with writer.TempFile(target) as raw:
+        write(raw.file)
+        raw.close()
+        # the same extension: a video muxer is chosen by it
+        final = writer.temp_name(target, suffix=target.suffix)
+        try:
+            finish(raw.path, final)
+            sha, size = _digest(final)
+            path = writer.place(final, target)
+        finally:
+            final.unlink(missing_ok=True)
+            raw.discard()
+    return path, sha, size
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_DIGEST_CHUNK_BYTES):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size

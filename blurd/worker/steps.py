@@ -9,6 +9,7 @@ an exception that is none of those is a bug, which the scheduler turns into a re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 from collections.abc import Callable, Mapping
@@ -17,21 +18,24 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 import structlog
 
-from blurd import originals, writer
+from blurd import originals, versions, writer
 from blurd.config import WatchConfig
 from blurd.engines.base import Engine, Phase, RemoteStatus
 from blurd.errors import (
     ApiError,
+    BadResult,
     RejectedInput,
     ResultMissing,
     TransientApiError,
     UnknownJob,
 )
+from blurd.metadata import carry
+from blurd.metadata.policy import MetadataError, Policy
 from blurd.metrics import Metrics
 from blurd.models import Job
 from blurd.worker import outcomes as o
 from blurd.worker.checks import FileChanged, hash_file, identity, rejection
-from blurd.worker.placing import fetch_into_place
+from blurd.worker.placing import Finish, fetch_into_place
 from blurd.worker.timing import Timing
 
 log = structlog.get_logger("blurd.worker")
@@ -206,11 +210,16 @@ class Steps:
         def fetch(out: BinaryIO) -> int:
             return self._call(self.engine.fetch, remote_id, status, part, out)
 
+        notes: list[str] = []
+        finish = self._finisher(job, watch, notes) if part == "media" else None
+        if finish is not None and not carry.rewrites(target.suffix):
+            finish = None
+
         # A broken transfer is fetched again at once a few times (most are one dropped
         # connection) before the job backs off; a Retry-After is always honoured.
         for attempt in range(self.timing.transfer_retries + 1):
             try:
-                path, sha, size = fetch_into_place(fetch, target, part)
+                path, sha, size = fetch_into_place(fetch, target, part, finish)
             except ResultMissing:
                 return self._result_missing(job)
             except TransientApiError as exc:
@@ -222,8 +231,39 @@ class Steps:
                 return o.Retry(f"cannot write the output: {exc}", output_blocked=True)
             except Exception as exc:
                 return _mapped(exc, part)
-            return o.Placed(part, path, sha, size)
+            return o.Placed(part, path, sha, size, notes[-1] if notes else None)
         raise AssertionError("unreachable")
+
+    def _version(self, job: Job) -> versions.Version:
+        """The version of the input that was processed, as far as it can still be told."""
+        ctime = None if self.engine.changes_input_ctime else job.ctime_ns
+        return versions.Version(job.size, job.mtime_ns, job.dev, job.ino, ctime)
+
+    def _finisher(self, job: Job, watch: WatchConfig, notes: list[str]) -> Finish:
+        """Rewrites a verified result with what ``watch.metadata`` carries of the input: the
+        version processed, read without following symlinks, or nothing if it is gone."""
+        policy = Policy(watch.options.metadata)
+        version = self._version(job)
+
+        def finish(body: Path, new: Path) -> None:
+            with contextlib.ExitStack() as stack:
+                source: BinaryIO | None = None
+                why = ""
+                try:
+                    source = stack.enter_context(
+                        versions.open_version(watch.path, job.rel_path, version)
+                    )
+                except (versions.OriginalChanged, OSError, RejectedInput) as exc:
+                    why = f"nothing of the input carried: {exc}"
+                try:
+                    upright = self.engine.outputs_upright
+                    carried = carry.carry(source, body, new, policy, upright=upright, why_none=why)
+                except MetadataError as exc:
+                    raise BadResult(str(exc)) from exc
+            if carried.note:
+                notes.append(carried.note)
+
+        return finish
 
     def _result_missing(self, job: Job) -> o.Outcome:
         """A 404 on a result: only the job's status can say whether the job is gone."""
@@ -242,15 +282,13 @@ class Steps:
             return o.Fail(str(exc))
         if watch.originals == "keep":
             return o.Done()
-        ctime = None if self.engine.changes_input_ctime else job.ctime_ns
-        version = originals.Version(job.size, job.mtime_ns, job.dev, job.ino, ctime)
         try:
             moved = originals.apply(
-                watch.originals, watch.path, job.rel_path, version, watch.archive
+                watch.originals, watch.path, job.rel_path, self._version(job), watch.archive
             )
         except FileNotFoundError:
             return o.Done(note="the original was already gone")
-        except originals.OriginalChanged as exc:
+        except versions.OriginalChanged as exc:
             return o.Done(note=f"the original was left alone: {exc}")
         except (OSError, RejectedInput) as exc:
             return o.Retry(f"originals = {watch.originals!r} failed: {exc}", originals=True)
@@ -288,4 +326,3 @@ def _copy_into(src: Path, out: BinaryIO) -> int:
             out.write(chunk)
             n += len(chunk)
     return n
-

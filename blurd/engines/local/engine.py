@@ -88,6 +88,7 @@ class LocalEngine(Engine):
     max_poll_interval_s = 2.0
     keeps_jobs_across_restarts = False
     changes_input_ctime = True  # its input is hard-linked into the job's folder (_snapshot)
+    outputs_upright = True  # images.decode applies the EXIF orientation
 
     def __init__(
         self, *, workers: int | None = None, plate_model: str = "", work_dir: Path | None = None

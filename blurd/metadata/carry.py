@@ -1,0 +1,63 @@
+"""One entry point for every output: the engine's result rewritten with the input's metadata,
+as the watch's ``metadata`` policy allows (photos: ``images``, videos: ``video``).
+
+The input is given as an open file of the version that was processed (``blurd.versions``),
+or None when that version is gone or changed: then nothing of it is carried, and the output
+is still stripped of the engine's own metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from blurd.metadata.images import carry_image_metadata, sniff
+from blurd.metadata.policy import Carried, MetadataError, Policy
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+# Videos are remuxed by ``video`` (PyAV, the ``local`` extra), which is not wired in yet: the
+# test server's video results are not real containers. Until then a video's tags are placed as
+# the engine sent them (README, "Metadata").
+VIDEO_EXTENSIONS: frozenset[str] = frozenset()
+
+
+def rewrites(output_suffix: str) -> bool:
+    """Whether outputs with this extension get their metadata rewritten (others are placed as
+    the engine sent them)."""
+    suffix = output_suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS
+
+
+def carry(
+    source: BinaryIO | None,
+    output: Path,
+    dest: Path,
+    policy: Policy,
+    *,
+    upright: bool,
+    why_none: str = "the input changed or is gone since it was processed",
+) -> Carried:
+    """Write ``dest`` (a new file) from ``output`` and what ``policy`` carries of ``source``.
+
+    Raises ``MetadataError`` when ``output`` is not a well-formed file of its kind (nothing is
+    left at ``dest`` then), ``OSError`` when ``dest`` cannot be written.
+    """
+    # The open file is read through its /proc name, so the version checked when it was opened
+    # is the one read, whatever happens at its path meanwhile (Linux only, like blurd).
+    with open(os.devnull, "rb") as nothing:
+        given = source if source is not None else nothing
+        source_path = Path(f"/proc/self/fd/{given.fileno()}")
+        if output.suffix.lower() in VIDEO_EXTENSIONS:
+            from blurd.metadata.video import carry_video_metadata  # PyAV: the local extra
+
+            carried = carry_video_metadata(source_path, output, dest, policy)
+        else:
+            with open(output, "rb") as fh:
+                if sniff(fh.read(12)) is None:
+                    raise MetadataError(output, "not a JPEG, PNG or WEBP file")
+            carried = carry_image_metadata(source_path, output, dest, policy, upright=upright)
+    if source is None:
+        return dataclasses.replace(carried, kept=(), note=why_none)
+    return carried

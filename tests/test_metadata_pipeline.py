@@ -1,0 +1,151 @@
+"""End to end: what of a photo's metadata reaches its published copy, with either engine.
+
+The test server can answer with the upload itself (``echo_media``), EXIF and GPS included, as
+the real API does; Pillow reads the outputs, independently of blurd's own parser.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from blurd import cli
+from blurd.errors import ConfigError
+from blurd.models import JobState
+from tests.conftest import wait_for
+from tests.fakeblurit import FakeBlurIt
+from tests.harness import Daemon
+
+GPS_IFD, EXIF_IFD = 0x8825, 0x8769
+DATE_ORIGINAL, MAKE, ARTIST, ORIENTATION = 0x9003, 0x010F, 0x013B, 0x0112
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBlurIt]:
+    with FakeBlurIt(job_seconds=0.2) as f:
+        f.echo_media = True
+        yield f
+
+
+def photo(
+    *, lat: float = 48.8577, size: tuple[int, int] = (64, 48), orientation: int = 1
+) -> bytes:
+    """A JPEG with a GPS position, a capture time, a camera and an artist."""
+    exif = Image.Exif()
+    exif[MAKE] = "Canon"
+    exif[ARTIST] = "Jane Doe"
+    exif[ORIENTATION] = orientation
+    exif.get_ifd(EXIF_IFD)[DATE_ORIGINAL] = "2024:05:01 10:11:12"
+    gps = exif.get_ifd(GPS_IFD)
+    gps[1], gps[2] = "N", (int(lat), 51, 27.7)
+    gps[3], gps[4] = "E", (2, 17, 40.2)
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(out, "JPEG", exif=exif.tobytes(), quality=90)
+    return out.getvalue()
+
+
+def scan(data: bytes) -> bytes:
+    """The entropy-coded data of a JPEG: from its first SOS to EOI."""
+    return data[data.index(b"\xff\xda") :]
+
+
+def read_exif(path: Path) -> tuple[dict[int, object], dict[int, object], dict[int, object]]:
+    with Image.open(path) as im:
+        exif = im.getexif()
+        return dict(exif), dict(exif.get_ifd(EXIF_IFD)), dict(exif.get_ifd(GPS_IFD))
+
+
+@pytest.mark.parametrize("policy", ["strip", "safe", "keep"])
+def test_a_blurit_result_never_publishes_more_than_the_policy_allows(
+    tmp_path: Path, fake: FakeBlurIt, policy: str
+) -> None:
+    """The API sends the photo back with its GPS position; the published copy carries what
+    the watch's ``metadata`` allows of the input, and the engine's pixels unchanged."""
+    data = photo()
+    with Daemon(tmp_path, fake, metadata=policy) as d:
+        (d.inbox / "a.jpg").write_bytes(data)
+        wait_for(lambda: d.counts()[JobState.DONE] == 1, timeout=30, what="a.jpg done")
+    out = d.outbox / "a.jpg"
+    ifd0, exif, gps = read_exif(out)
+    assert scan(out.read_bytes()) == scan(data)
+    assert bool(gps) == (policy == "keep")
+    assert (ARTIST in ifd0) == (policy == "keep")
+    assert (MAKE in ifd0) == (policy != "strip")
+    assert (exif.get(DATE_ORIGINAL) == "2024:05:01 10:11:12") == (policy != "strip")
+    assert json.loads((d.outbox / "a.jpg.json").read_text())["detections"]
+
+
+def test_only_the_version_processed_gives_its_metadata(tmp_path: Path, fake: FakeBlurIt) -> None:
+    """A new photo saved under the same name while the old one is at the engine: its
+    metadata (another place) is not carried into the old one's output, even with ``keep``."""
+    fake.job_seconds = 1.5
+    first = photo(lat=10.0)
+    with Daemon(tmp_path, fake, metadata="keep") as d:
+        (d.inbox / "a.jpg").write_bytes(first)
+        wait_for(lambda: len(fake.uploads) == 1, timeout=30, what="the upload")
+        replaced = d.inbox / "a.jpg.new"
+        replaced.write_bytes(photo(lat=60.0, size=(64, 49)))
+        os.replace(replaced, d.inbox / "a.jpg")
+        wait_for(lambda: d.counts()[JobState.DONE] == 2, timeout=30, what="both versions done")
+    outputs = sorted(d.outbox.glob("a*.jpg"))
+    by_scan = {scan(p.read_bytes()): p for p in outputs}
+    first_out = by_scan[scan(first)]
+    assert read_exif(first_out)[2] == {}  # the first version's position is gone with it
+
+
+def test_a_result_that_is_no_jpeg_inside_is_never_published(
+    tmp_path: Path, fake: FakeBlurIt
+) -> None:
+    """A body with JPEG magic bytes but no JPEG structure fails its check: retried, then the
+    job fails, and nothing is placed."""
+    data = b"\xff\xd8\xff\xe0 not really a JPEG " * 20
+    with Daemon(tmp_path, fake) as d:
+        (d.inbox / "a.jpg").write_bytes(data)
+        wait_for(lambda: d.counts()[JobState.FAILED] == 1, timeout=60, what="a.jpg failed")
+        error = d.job("a.jpg").error or ""
+    assert "not a JPEG" in error or "JPEG" in error
+    assert not (d.outbox / "a.jpg").exists()
+    assert not [p for p in d.outbox.rglob("*") if p.is_file() and p.suffix != ".json"]
+
+
+def test_an_unknown_policy_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[daemon]\ndatabase = "{tmp_path}/db"\nengine = "local"\n'
+        f'[[watch]]\npath = "{tmp_path}/in"\noutput = "{tmp_path}/out"\nmetadata = "all"\n'
+    )
+    from blurd import config
+
+    with pytest.raises(ConfigError, match=r"watch\[0\]\.metadata"):
+        config.load(cfg, {})
+
+
+def test_the_local_engine_keeps_the_capture_time_and_turns_the_photo_upright(
+    tmp_path: Path,
+) -> None:
+    """``safe`` with the built-in engine: capture time and camera carried, no position, no
+    artist, and orientation 1 since the engine wrote the pixels upright."""
+    pytest.importorskip("onnxruntime")
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / "p.jpg").write_bytes(photo(orientation=6))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nengine = "local"\n'
+        f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
+        f'metadata = "safe"\nplates = false\n'
+    )
+    assert cli.main(["run", "--once", "--config", str(cfg)]) == 0
+    out = outbox / "p.jpg"
+    ifd0, exif, gps = read_exif(out)
+    assert gps == {} and ARTIST not in ifd0
+    assert ifd0.get(MAKE) == "Canon" and exif.get(DATE_ORIGINAL) == "2024:05:01 10:11:12"
+    assert ifd0.get(ORIENTATION, 1) == 1
+    with Image.open(out) as im:
+        assert im.size == (48, 64)  # turned by the engine, as orientation 6 asked
