@@ -27,13 +27,12 @@ from typing import BinaryIO
 
 from blurd.defaults import TEMP_PREFIX
 from blurd.versions import (
-    NOT_A_FOLDER,
     OriginalChanged,
     Version,
     checked_stat,
     named,
     not_processed,
-    split_rel,
+    open_folder,
     walk,
 )
 from blurd.writer import numbered, same_content
@@ -76,14 +75,7 @@ def apply(
         raise ValueError(f"unknown originals policy {policy!r} (keep, move or delete)")
     if policy == "move" and archive_root is None:
         raise ValueError(f"originals = 'move' needs an archive folder (moving {rel_path!r})")
-    folders, name = split_rel(rel_path)
-    source = watch_root.joinpath(*folders, name)
-    try:
-        src_dir = walk(watch_root, folders, create=False)
-    except OSError as exc:
-        if exc.errno not in NOT_A_FOLDER:
-            raise
-        raise OriginalChanged(f"{source} was left alone: {exc.filename} is not a folder.") from exc
+    src_dir, folders, name, source = open_folder(watch_root, rel_path)
     try:
         st = checked_stat(src_dir, name, version, source)
         if policy == "delete":

@@ -132,6 +132,20 @@ def not_processed(path: Path) -> str:
     return f"{path} was left alone: it is not the version that was processed."
 
 
+def open_folder(watch_root: Path, rel_path: str) -> tuple[int, tuple[str, ...], str, Path]:
+    """The folder of ``<watch_root>/<rel_path>``, opened by ``walk``: (its descriptor, the
+    folder names, the file name, the full path). ``OriginalChanged`` when a folder on the way
+    is a symlink or a file; ``RejectedInput`` for a path that leaves its folder."""
+    folders, name = split_rel(rel_path)
+    path = watch_root.joinpath(*folders, name)
+    try:
+        return walk(watch_root, folders, create=False), folders, name, path
+    except OSError as exc:
+        if exc.errno not in NOT_A_FOLDER:
+            raise
+        raise OriginalChanged(f"{path} was left alone: {exc.filename} is not a folder.") from exc
+
+
 @contextlib.contextmanager
 def open_version(watch_root: Path, rel_path: str, version: Version) -> Iterator[BinaryIO]:
     """``<watch_root>/<rel_path>`` opened for reading if it is still ``version``.
@@ -141,14 +155,7 @@ def open_version(watch_root: Path, rel_path: str, version: Version) -> Iterator[
     The open file is checked again (``fstat``) so that a file swapped in after the check is
     not the one read.
     """
-    folders, name = split_rel(rel_path)
-    path = watch_root.joinpath(*folders, name)
-    try:
-        dir_fd = walk(watch_root, folders, create=False)
-    except OSError as exc:
-        if exc.errno not in NOT_A_FOLDER:
-            raise
-        raise OriginalChanged(f"{path}: {exc.filename} is not a folder.") from exc
+    dir_fd, _folders, name, path = open_folder(watch_root, rel_path)
     try:
         checked_stat(dir_fd, name, version, path)
         try:
