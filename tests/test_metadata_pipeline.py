@@ -149,3 +149,65 @@ def test_the_local_engine_keeps_the_capture_time_and_turns_the_photo_upright(
     assert ifd0.get(ORIENTATION, 1) == 1
     with Image.open(out) as im:
         assert im.size == (48, 64)  # turned by the engine, as orientation 6 asked
+
+
+def clip(path: Path) -> Path:
+    """A short MP4 with a place, a capture time and a title in its container tags."""
+    av = pytest.importorskip("av")
+    np = pytest.importorskip("numpy")
+    with av.open(str(path), "w", format="mp4") as out:
+        out.metadata.update({"location": "+48.8577+002.2950/", "title": "Jane's street",
+                             "creation_time": "2024-05-01T10:11:12.000000Z"})  # fmt: skip
+        stream = out.add_stream("mpeg4", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(12):
+            pixels = np.full((48, 64, 3), i * 20, "uint8")
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def tags(path: Path) -> dict[str, str]:
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as f:
+        return {k.lower(): v for k, v in f.metadata.items()}
+
+
+@pytest.mark.parametrize("policy", ["strip", "safe", "keep"])
+def test_a_blurit_video_keeps_no_place_unless_asked(
+    tmp_path: Path, fake: FakeBlurIt, policy: str
+) -> None:
+    """The API sends the video back with its container tags, a place among them; the published
+    copy carries what the policy allows of the input's tags."""
+    data = clip(tmp_path / "src.mp4").read_bytes()
+    with Daemon(tmp_path, fake, metadata=policy) as d:
+        (d.inbox / "v.mp4").write_bytes(data)
+        wait_for(lambda: d.counts()[JobState.DONE] == 1, timeout=30, what="v.mp4 done")
+    found = tags(d.outbox / "v.mp4")
+    assert ("location" in found) == (policy == "keep")
+    assert ("title" in found) == (policy == "keep")
+    assert ("creation_time" in found) == (policy != "strip")
+
+
+def test_the_local_engine_carries_a_videos_capture_time_but_not_its_place(
+    tmp_path: Path,
+) -> None:
+    """``safe`` with the built-in engine: the re-encoded video gets the input's creation time
+    and nothing else of its tags."""
+    pytest.importorskip("onnxruntime")
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    clip(inbox / "v.mp4")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nengine = "local"\n'
+        f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
+        f'metadata = "safe"\nplates = false\n'
+    )
+    assert cli.main(["run", "--once", "--config", str(cfg)]) == 0
+    found = tags(outbox / "v.mp4")
+    assert found.get("creation_time", "").startswith("2024-05-01T10:11:12")
+    assert "location" not in found and "title" not in found

@@ -17,10 +17,8 @@ from blurd.metadata.images import carry_image_metadata, sniff
 from blurd.metadata.policy import Carried, MetadataError, Policy
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-# Videos are remuxed by ``video`` (PyAV, the ``local`` extra), which is not wired in yet: the
-# test server's video results are not real containers. Until then a video's tags are placed as
-# the engine sent them (README, "Metadata").
-VIDEO_EXTENSIONS: frozenset[str] = frozenset()
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".3gp", ".mkv", ".webm", ".avi", ".ts",
+                              ".mts", ".m2ts", ".mpg", ".mpeg"})  # fmt: skip
 
 
 def rewrites(output_suffix: str) -> bool:
@@ -49,8 +47,9 @@ def carry(
     with open(os.devnull, "rb") as nothing:
         given = source if source is not None else nothing
         source_path = Path(f"/proc/self/fd/{given.fileno()}")
-        if output.suffix.lower() in VIDEO_EXTENSIONS:
-            from blurd.metadata.video import carry_video_metadata  # PyAV: the local extra
+        if dest.suffix.lower() in VIDEO_EXTENSIONS:
+            # imported here: PyAV (FFmpeg) is 15 MiB of the daemon's memory, for videos only
+            from blurd.metadata.video import carry_video_metadata
 
             carried = carry_video_metadata(source_path, output, dest, policy)
         else:

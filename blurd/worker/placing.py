@@ -94,10 +94,10 @@ def fetch_into_place(
     if finish is None:
         path, size = writer.place_bytes_from(write, target)
         return path, sink[0].sha.hexdigest(), size
-    with writer.TempFile(target) as raw:
+    # Both temp files have the target's extension: a video's muxer is chosen by it.
+    with writer.TempFile(target, suffix=target.suffix) as raw:
         write(raw.file)
         raw.close()
-        # the same extension: a video muxer is chosen by it
         final = writer.temp_name(target, suffix=target.suffix)
         try:
             finish(raw.path, final)

@@ -259,7 +259,7 @@ class Steps:
                     upright = self.engine.outputs_upright
                     carried = carry.carry(source, body, new, policy, upright=upright, why_none=why)
                 except MetadataError as exc:
-                    raise BadResult(str(exc)) from exc
+                    raise BadResult(f"the result cannot be published: {exc.reason}") from exc
             if carried.note:
                 notes.append(carried.note)
 
