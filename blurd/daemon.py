@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from blurd import defaults, writer
+from blurd import defaults, heap, writer
 from blurd.config import Config
 from blurd.engines.base import Engine
 from blurd.errors import BlurdError, ConfigError
@@ -81,6 +81,7 @@ def run(
     notifier: Notifier | None = None,
 ) -> int:
     """Run the daemon until stopped (or, with ``once``, until the queue is empty)."""
+    heap.fix_mmap_threshold()
     if signals is None:
         signals = Signals()
         signals.install()

@@ -44,15 +44,21 @@ __all__ = ["Carried", "carry_video_metadata", "category"]
 
 # Demuxer name (``av.open(output).format.name``) -> (muxer by file extension, default muxer).
 # A demuxer serves a family of formats; the extension says which member the output is.
-# MPEG-TS needs no entry for .m2ts: the mpegts muxer switches to 192-byte packets by itself
-# when the file name ends in .m2ts.
+# The choices match the local engine's (blurd/engines/local/containers.py), so a rewrite keeps
+# the form of its outputs: M4V brand, MPEG-2 program streams, 192-byte packets for AVCHD.
 _MUXERS: dict[str, tuple[dict[str, str], str]] = {
-    "mov,mp4,m4a,3gp,3g2,mj2": ({".mov": "mov", ".qt": "mov", ".3gp": "3gp", ".3g2": "3g2"}, "mp4"),
+    "mov,mp4,m4a,3gp,3g2,mj2": (
+        {".mov": "mov", ".qt": "mov", ".3gp": "3gp", ".3g2": "3g2", ".m4v": "ipod"},
+        "mp4",
+    ),
     "matroska,webm": ({".webm": "webm"}, "matroska"),
     "avi": ({}, "avi"),
     "mpegts": ({}, "mpegts"),
-    "mpeg": ({".vob": "vob"}, "mpeg"),
+    "mpeg": ({".vob": "vob", ".mpg": "vob", ".mpeg": "vob"}, "mpeg"),
 }
+# The mpegts muxer writes 192-byte packets by itself only for names ending in .m2ts; AVCHD's
+# .mts is the same format.
+_M2TS = frozenset({".mts", ".m2ts"})
 # Container keys the mov and mp4 muxers write without ``movflags=use_metadata_tags`` (checked
 # with FFmpeg 8.1). Any other key (com.apple.quicktime.*, com.android.*) needs that flag, which
 # writes every key as a QuickTime "mdta" item.
@@ -231,6 +237,8 @@ def _remux(output: Path, dest: Path, tags: _Tags, *, keep: bool, with_data: bool
         muxer = _muxer(source.format.name, output)
         # Bit-exact: no "encoder=Lavf<version>" tag of FFmpeg's own, no random Matroska UIDs.
         options = {"fflags": "+bitexact"}
+        if muxer == "mpegts" and output.suffix.lower() in _M2TS:
+            options["mpegts_m2ts_mode"] = "1"
         native = _NATIVE_KEYS.get(muxer)
         if native is not None and any(key.lower() not in native for key in tags.container):
             options["movflags"] = "use_metadata_tags"

@@ -6,7 +6,13 @@ Kept free of heavy imports: the daemon process reads it without loading any medi
 from __future__ import annotations
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi"})
+# Each one is a row of containers.CONTAINERS, which says how it is written (the tests check
+# that both lists agree; that module imports PyAV, which the daemon process does not load).
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".mov", ".mkv", ".avi", ".m4v", ".3gp", ".webm"}
+    | {".ts", ".mts", ".m2ts"}  # MPEG transport streams
+    | {".mpg", ".mpeg"}  # MPEG program streams
+)
 
 MEDIA_STEM = "result"  # result.<input extension>
 DETECTIONS_NAME = "result.json"

@@ -1,12 +1,16 @@
-"""Videos: decode with PyAV, anonymize frame by frame, encode H.264, copy audio unchanged.
+"""Videos: decode with PyAV, anonymize frame by frame, encode, copy the sound unchanged.
 
+- The output is written in the container of its name, with the codecs of containers.py (H.264
+  for most; VP9 for WebM, MPEG-2 for MPEG program streams); the input is read by its content.
 - Frames are streamed: at most ``2 x detect_every + 1`` decoded frames wait for their detections
   (about 18 MB at 720p with the default interval), whatever the video's length.
 - Every frame keeps its timestamp (pts, in the input stream's time base), so the frame count
-  and the duration are those of the input, variable frame rates included.
-- Audio packets are copied as they are (no re-encoding); other video streams (cover art),
-  subtitle and data streams, chapters and container metadata (which may hold a GPS position
-  or the camera model) are not copied.
+  and the duration are those of the input, variable frame rates included. MPEG-2 only has
+  constant rates: there a picture is repeated where a variable-rate input leaves a gap.
+- Audio packets are copied as they are, unless the output container cannot carry their codec:
+  then the sound is re-encoded, and the result and a log line say so. Other video streams
+  (cover art), subtitle and data streams, chapters and container metadata (which may hold a
+  GPS position or the camera model) are not copied.
 - A display rotation (phones) is applied to the pixels and the output is written upright.
 - Detection runs on a copy ``infer_width`` wide, on every ``detect_every``-th frame and on the
   last one, in a thread ahead of the encoder; frames in between are hidden with the boxes of
@@ -17,26 +21,43 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
+import structlog
 
 from blurd.engines.local.arrays import Image
+from blurd.engines.local.containers import (
+    PIXEL_FORMAT,
+    X264_CRF,
+    X264_PRESET,
+    X264_VIDEO,
+    AudioOutcome,
+    AudioRoute,
+    Container,
+    add_video_stream,
+    container_for,
+    open_output,
+    route_audio,
+)
 from blurd.engines.local.detections import DetectionsWriter
 from blurd.engines.local.errors import Cancelled, MediaError
 from blurd.engines.local.frames import FrameAnonymizer, Hit
 from blurd.engines.local.schedule import DetectionSchedule
 
-CODEC = "libx264"
-CRF = 20  # x264 constant quality: visually close to the phone and camera sources seen here
-PRESET = "veryfast"  # x264 speed/size trade-off; quality is set by the CRF
-PIXEL_FORMAT = "yuv420p"  # what every player decodes
-# The source's P and B frame types are passed on to x264, which then skips its own frame-type
-# analysis (about 20 % of its work at this preset); I frames (all of them for intra-only codecs
-# such as MJPEG) are left to the encoder, which places its own key frames.
+log = structlog.get_logger(__name__)
+
+# The MP4 path's encoder, under the names scripts/bench-local reads.
+CODEC, CRF, PRESET = X264_VIDEO.encoder, X264_CRF, X264_PRESET
+
+# The source's P and B frame types are passed on to x264 (containers.VideoCodec says which
+# encoders take them), which then skips its own frame-type analysis (about 20 % of its work at
+# this preset); I frames (all of them for intra-only codecs such as MJPEG) are left to the
+# encoder, which places its own key frames.
 KEPT_PICTURE_TYPES = frozenset({2, 3})  # AV_PICTURE_TYPE_P, AV_PICTURE_TYPE_B
 # Detection every 6th frame (and on the last): on 2 cores it costs about 11 ms of CPU per frame
 # instead of 33 ms every 2nd frame. The frames in between hide the boxes of both sides, spanned
@@ -47,6 +68,18 @@ INFER_WIDTH_PX = 640  # detection runs on a copy this wide: 2.5x faster than 128
 
 Progress = Callable[[int, int | None], None]
 StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What was written: the frame count, and for each sound stream copied or re-encoded."""
+
+    frames: int
+    audio: tuple[AudioOutcome, ...] = ()
+
+    @property
+    def reencoded_audio(self) -> tuple[AudioOutcome, ...]:
+        return tuple(a for a in self.audio if not a.copied)
 
 
 class _Pending:
@@ -150,36 +183,57 @@ def anonymize_video(
     infer_width: int = INFER_WIDTH_PX,
     progress: Progress | None = None,
     stop: StopCheck | None = None,
-) -> int:
+) -> VideoResult:
     """Anonymize the video ``src`` into ``dst`` (container chosen by its extension).
 
-    Writes the detections JSON to ``detections`` and returns the number of frames written.
+    Writes the detections JSON to ``detections``; returns the frame count and what became of
+    the sound.
     """
+    container = container_for(dst.suffix)
     try:
-        source = av.open(str(src))
+        source = av.open(str(src))  # probed by content: the name may lie
     except av.FFmpegError as exc:
         raise MediaError(f"the video cannot be opened ({_reason(exc)})") from exc
     with source:
         if source.streams.best("video") is None:  # cover art alone does not count
             raise MediaError("the file has no video stream")
         try:
-            return _transcode(
-                source, dst, detections, anonymizer, detect_every, infer_width, progress, stop
+            result = _transcode(
+                source,
+                dst,
+                container,
+                detections,
+                anonymizer,
+                detect_every,
+                infer_width,
+                progress,
+                stop,
             )
         except av.FFmpegError as exc:
             raise MediaError(f"the video cannot be processed ({_reason(exc)})") from exc
+    for audio in result.reencoded_audio:
+        log.info(
+            "video.audio_reencoded",
+            input=str(src),  # in the engine: its job folder, named after the job's remote id
+            stream=audio.index,
+            codec_in=audio.codec_in,
+            codec_out=audio.codec_out,
+            why=audio.why,
+        )
+    return result
 
 
 def _transcode(
     source: Any,
     dst: Path,
+    container: Container,
     detections: Path,
     anonymizer: FrameAnonymizer,
     detect_every: int,
     infer_width: int,
     progress: Progress | None,
     stop: StopCheck | None,
-) -> int:
+) -> VideoResult:
     video_in = source.streams.best("video")  # the main one: not cover art
     video_in.thread_type = "AUTO"
     audio_in = list(source.streams.audio)
@@ -199,25 +253,36 @@ def _transcode(
     bt709 = _is_bt709(video_in.codec_context, out_h)
 
     with (
-        av.open(str(dst), "w") as sink,
+        open_output(str(dst), container) as sink,
         DetectionsWriter(
             detections, media="video", width=out_w, height=out_h, fps=float(rate)
         ) as writer,
     ):
-        video_out: Any = sink.add_stream(CODEC, rate=rate)
-        video_out.width, video_out.height = out_w, out_h
-        video_out.pix_fmt = PIXEL_FORMAT
-        video_out.time_base = video_in.time_base
-        video_out.codec_context.time_base = video_in.time_base
-        video_out.options = {"crf": str(CRF), "preset": PRESET}
+        video_out, clock = add_video_stream(
+            sink,
+            container.video,
+            rate=rate,
+            time_base=video_in.time_base or Fraction(1, 90_000),
+            size=(out_w, out_h),
+        )
+        kept_types = KEPT_PICTURE_TYPES if container.video.keeps_picture_types else frozenset()
         _copy_colour_tags(video_in.codec_context, video_out.codec_context)
-        demuxer.attach(sink, {s.index: sink.add_stream_from_template(s) for s in audio_in})
+        routes = {s.index: route_audio(sink, s, container) for s in audio_in}
+        demuxer.attach(sink, routes)
+        previous: Any = None  # the last picture encoded, to fill empty MPEG-2 slots
+
+        def encode(frame: Any, pts: int) -> None:
+            frame.pts = pts
+            frame.time_base = clock.time_base
+            for packet in video_out.encode(frame):
+                sink.mux(packet)
 
         def find(item: _Pending) -> list[Hit]:
             small = item.small_bgr(infer_width)
             return anonymizer.find(small, width=out_w, height=out_h)
 
         def emit(item: _Pending, hits: list[Hit]) -> None:
+            nonlocal previous
             if stop is not None and stop():
                 raise Cancelled()
             kind = int(item.frame.pict_type)
@@ -231,12 +296,13 @@ def _transcode(
                 planes = _split_planes(data, out_w, out_h)
                 records = anonymizer.hide_yuv420(planes, hits, bt709=bt709)
                 frame = av.VideoFrame.from_ndarray(data, format=PIXEL_FORMAT)
-            frame.pict_type = kind if kind in KEPT_PICTURE_TYPES else 0
+            frame.pict_type = kind if kind in kept_types else 0
             writer.frame(item.index, item.time_s, records)
-            frame.pts = item.pts
-            frame.time_base = video_in.time_base
-            for packet in video_out.encode(frame):
-                sink.mux(packet)
+            pts, empty = clock.place(item.pts)
+            for slot in empty:
+                encode(previous, slot)
+            encode(frame, pts)
+            previous = frame
             if progress is not None:
                 progress(item.index + 1, total)
 
@@ -244,7 +310,8 @@ def _transcode(
         written = schedule.run(itertools.chain([first], frames))
         for packet in video_out.encode(None):
             sink.mux(packet)
-    return written
+        demuxer.finish()
+    return VideoResult(written, tuple(r.outcome for r in routes.values()))
 
 
 class _Demuxer:
@@ -259,14 +326,19 @@ class _Demuxer:
         self._video_in = video_in
         self._audio_in = audio_in
         self._sink: Any = None
-        self._audio_map: dict[int, Any] = {}
+        self._routes: dict[int, AudioRoute] = {}
         self._early: list[Any] = []
 
-    def attach(self, sink: Any, audio_map: dict[int, Any]) -> None:
-        self._sink, self._audio_map = sink, audio_map
+    def attach(self, sink: Any, routes: dict[int, AudioRoute]) -> None:
+        self._sink, self._routes = sink, routes
         for packet in self._early:
             self._mux_audio(packet)
         self._early.clear()
+
+    def finish(self) -> None:
+        """Write what re-encoded sound still holds (encoders keep a few frames back)."""
+        for route in self._routes.values():
+            self._sink.mux(route.finish())
 
     def frames(self) -> Iterator[_Pending]:
         index = 0
@@ -285,8 +357,7 @@ class _Demuxer:
                 self._mux_audio(packet)
 
     def _mux_audio(self, packet: Any) -> None:
-        packet.stream = self._audio_map[packet.stream.index]
-        self._sink.mux(packet)
+        self._sink.mux(self._routes[packet.stream.index].convert(packet))
 
 
 def _frame_count(stream: Any, rate: Fraction) -> int | None:
