@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from blurd import cli
+from blurd import config, daemon
 from blurd.errors import ConfigError
 from blurd.models import JobState
+from blurd.signals import Signals
 from tests.conftest import wait_for
 from tests.fakeblurit import FakeBlurIt
 from tests.harness import Daemon
@@ -48,6 +49,11 @@ def photo(
     out = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(out, "JPEG", exif=exif.tobytes(), quality=90)
     return out.getvalue()
+
+
+def run_once(cfg: Path) -> None:
+    """``blurd run --once`` in this process, leaving the tests' logging and signals alone."""
+    assert daemon.run(config.load(cfg, {}), once=True, signals=Signals()) == 0
 
 
 def scan(data: bytes) -> bytes:
@@ -120,8 +126,6 @@ def test_an_unknown_policy_names_the_key(tmp_path: Path) -> None:
         f'[daemon]\ndatabase = "{tmp_path}/db"\nengine = "local"\n'
         f'[[watch]]\npath = "{tmp_path}/in"\noutput = "{tmp_path}/out"\nmetadata = "all"\n'
     )
-    from blurd import config
-
     with pytest.raises(ConfigError, match=r"watch\[0\]\.metadata"):
         config.load(cfg, {})
 
@@ -141,7 +145,7 @@ def test_the_local_engine_keeps_the_capture_time_and_turns_the_photo_upright(
         f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
         f'metadata = "safe"\nplates = false\n'
     )
-    assert cli.main(["run", "--once", "--config", str(cfg)]) == 0
+    run_once(cfg)
     out = outbox / "p.jpg"
     ifd0, exif, gps = read_exif(out)
     assert gps == {} and ARTIST not in ifd0
@@ -207,7 +211,7 @@ def test_the_local_engine_carries_a_videos_capture_time_but_not_its_place(
         f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
         f'metadata = "safe"\nplates = false\n'
     )
-    assert cli.main(["run", "--once", "--config", str(cfg)]) == 0
+    run_once(cfg)
     found = tags(outbox / "v.mp4")
     assert found.get("creation_time", "").startswith("2024-05-01T10:11:12")
     assert "location" not in found and "title" not in found
