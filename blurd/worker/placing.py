@@ -29,10 +29,11 @@ Finish = Callable[[Path, Path], object]
 class Sink:
     """A file-like object an engine writes one part into (see ``engines.base.announce``)."""
 
-    def __init__(self, out: BinaryIO, *, keep: bool, cap: int | None) -> None:
+    def __init__(self, out: BinaryIO, *, keep: bool, cap: int | None, copies: int = 1) -> None:
         self._out = out
         self._keep = keep
         self._cap = cap
+        self._copies = copies  # the body, and the file rewritten from it while both exist
         self.sha = hashlib.sha256()
         self.size = 0
         self.head = b""
@@ -56,11 +57,12 @@ class Sink:
         """The engine is about to send ``size`` bytes: refuse now if they cannot fit."""
         st = os.fstatvfs(self._out.fileno())
         free = st.f_bavail * st.f_frsize
-        if size + _FREE_MARGIN_BYTES > free:
+        if self._copies * size + _FREE_MARGIN_BYTES > free:
+            copies = f"two copies of a {size}-byte result" if self._copies > 1 else (
+                f"a {size}-byte result")  # fmt: skip
             raise OSError(
                 errno.ENOSPC,
-                f"no room for a {size}-byte result ({free} bytes free, "
-                f"{_FREE_MARGIN_BYTES} kept free)",
+                f"no room for {copies} ({free} bytes free, {_FREE_MARGIN_BYTES} kept free)",
             )
 
 
@@ -80,7 +82,8 @@ def fetch_into_place(
 
     def write(out: BinaryIO) -> int:
         detections = part == "detections"
-        s = Sink(out, keep=detections, cap=results.MAX_DETECTIONS_BYTES if detections else None)
+        cap = results.MAX_DETECTIONS_BYTES if detections else None
+        s = Sink(out, keep=detections, cap=cap, copies=1 if finish is None else 2)
         sink.append(s)
         fetch(cast(BinaryIO, s))
         if detections:
