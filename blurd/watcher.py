@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserverVFS
 
 from blurd import defaults, layout
 from blurd.config import WatchConfig
+from blurd.events import WANTED_EVENTS, EventHandler, wants_polling
 from blurd.health import DatabaseHealth
 from blurd.recorder import SCAN_BATCH, Recorder, StoreOutage, Version
 from blurd.stability import StabilityTracker, is_ignored_name, is_ignored_rel
@@ -32,76 +32,10 @@ from blurd.store import Store
 
 log = structlog.get_logger("blurd.watcher")
 
-NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph"})
-_QUIET_EVENTS = frozenset({"opened", "closed_no_write"})  # our own reads cause these
 # Out of inotify watches (ENOSPC) or instances (EMFILE): a system limit that will not go away
 # by itself, so the watch polls instead of failing again every tick.
 _INOTIFY_LIMITS = frozenset({errno.ENOSPC, errno.EMFILE})
 OBSERVER_RETRY_S = 30.0  # an observer that failed to start for another reason is tried again
-
-
-def filesystem_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
-    """The type of the filesystem holding ``path`` (longest matching mount point)."""
-    try:
-        with open(mounts_file) as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    best, best_type = "", None
-    target = str(path)
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(
-            best
-        ):
-            best, best_type = mount, parts[2]
-    return best_type
-
-
-def wants_polling(watch: WatchConfig) -> tuple[bool, str]:
-    """Whether to poll, and why (for the start-up log)."""
-    if watch.polling is not None:
-        return watch.polling, "polling is set in the config"
-    fstype = filesystem_type(watch.path) or "unknown"
-    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse"):
-        return True, f"{fstype} filesystems send no change events"
-    return False, f"{fstype} filesystem sends native events"
-
-
-class _Handler(FileSystemEventHandler):
-    """Passes events on, their paths under the watch's root as configured: the observer
-    watches the resolved root (inotify does not follow a symlinked root)."""
-
-    def __init__(self, owner: FolderWatcher, watched: str) -> None:
-        self.owner = owner
-        self.watched = watched
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in _QUIET_EVENTS:
-            return
-        src = self._as_configured(os.fsdecode(event.src_path))
-        dest = self._as_configured(os.fsdecode(event.dest_path)) if event.dest_path else ""
-        if event.is_directory:
-            # A folder created or moved in may already hold files: scan it.
-            if event.event_type == "created":
-                self.owner.note_directory(src)
-            elif event.event_type == "moved" and dest:
-                self.owner.note_directory(dest)
-            return
-        self.owner.note_file(src)
-        if dest:
-            self.owner.note_file(dest)
-
-    def _as_configured(self, path: str) -> str:
-        if path == self.watched:
-            return self.owner.root
-        prefix = self.watched.rstrip("/") + "/"
-        if path.startswith(prefix):
-            return os.path.join(self.owner.root, path[len(prefix) :])
-        return path
 
 
 class FolderWatcher:
@@ -242,7 +176,8 @@ class FolderWatcher:
             polling, why = True, self._native_failed
         observer = self._polling_observer() if polling else self.observer_factory()
         real = layout.resolved(self.root)
-        observer.schedule(_Handler(self, real), real, recursive=self.watch.recursive)
+        observer.schedule(EventHandler(self, real), real, recursive=self.watch.recursive,
+                          event_filter=WANTED_EVENTS)  # fmt: skip
         try:
             observer.start()
         except OSError as exc:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
+from watchdog.events import FileSystemEvent
 from watchdog.observers.inotify import InotifyObserver
 
 from blurd.config import WatchConfig
+from blurd.events import filesystem_type, wants_polling
 from blurd.models import Job
 from blurd.store import Store
-from blurd.watcher import FolderWatcher, filesystem_type, wants_polling
+from blurd.watcher import FolderWatcher
 from tests.conftest import FakeClock, wait_for
 
 SETTLE = 5.0
@@ -313,3 +315,32 @@ def test_inotify_limit_falls_back_to_polling_once(
     assert {"event": "watch.started", "polling": True}.items() <= next(
         e for e in logs if e["event"] == "watch.started"
     ).items()
+
+
+def test_reading_a_file_in_the_watch_sends_no_events(
+    watcher: FolderWatcher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """blurd reads its inputs several times (hash, upload, metadata): those opens are not in
+    the inotify mask, so they never reach Python. A file created after the reads is the mark:
+    inotify keeps order, so anything the reads caused would have come before it."""
+    from blurd.events import EventHandler
+
+    seen: list[tuple[str, str]] = []
+    original = EventHandler.on_any_event
+
+    def spy(self: EventHandler, event: FileSystemEvent) -> None:
+        seen.append((event.event_type, os.path.basename(os.fsdecode(event.src_path))))
+        original(self, event)
+
+    monkeypatch.setattr(EventHandler, "on_any_event", spy)
+    photo = tmp_path / "in" / "a.jpg"
+    photo.write_bytes(b"x" * 1000)
+    wait_for(lambda: ("closed", "a.jpg") in seen, what="the write's close")
+    for _ in range(5):
+        with open(photo, "rb") as fh:
+            fh.read()
+    (tmp_path / "in" / "mark.jpg").write_bytes(b"m")
+    wait_for(lambda: ("created", "mark.jpg") in seen, what="the mark")
+    after_write = seen[seen.index(("closed", "a.jpg")) + 1 : seen.index(("created", "mark.jpg"))]
+    assert [e for e in after_write if e[1] == "a.jpg"] == []  # the folder's own is the mark's
+    assert not {kind for kind, _ in seen} & {"opened", "closed_no_write"}
