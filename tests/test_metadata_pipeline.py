@@ -215,3 +215,27 @@ def test_the_local_engine_carries_a_videos_capture_time_but_not_its_place(
     found = tags(outbox / "v.mp4")
     assert found.get("creation_time", "").startswith("2024-05-01T10:11:12")
     assert "location" not in found and "title" not in found
+
+
+@pytest.mark.parametrize("policy", ["strip", "keep"])
+def test_photos_inside_a_zip_result_are_rewritten_too(
+    tmp_path: Path, fake: FakeBlurIt, policy: str
+) -> None:
+    """An archive of photos comes back with each photo's EXIF: every photo in it is rewritten
+    (its position kept only with ``keep``), other entries copied as they are."""
+    import zipfile
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("trip/a.jpg", photo())
+        zf.writestr("notes.txt", "hello")
+    with Daemon(tmp_path, fake, metadata=policy) as d:
+        (d.inbox / "photos.zip").write_bytes(archive.getvalue())
+        wait_for(lambda: d.counts()[JobState.DONE] == 1, timeout=30, what="photos.zip done")
+    with zipfile.ZipFile(d.outbox / "photos.zip") as zf:
+        assert sorted(zf.namelist()) == ["notes.txt", "trip/a.jpg"]
+        assert zf.read("notes.txt") == b"hello"
+        (tmp_path / "a.jpg").write_bytes(zf.read("trip/a.jpg"))
+    _ifd0, _exif, gps = read_exif(tmp_path / "a.jpg")
+    assert bool(gps) == (policy == "keep")
+    assert scan((tmp_path / "a.jpg").read_bytes()) == scan(photo())

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
+from blurd.metadata.archive import carry_zip_metadata
 from blurd.metadata.images import carry_image_metadata, sniff
 from blurd.metadata.policy import Carried, MetadataError, Policy
 
@@ -25,7 +26,7 @@ def rewrites(output_suffix: str) -> bool:
     """Whether outputs with this extension get their metadata rewritten (others are placed as
     the engine sent them)."""
     suffix = output_suffix.lower()
-    return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS
+    return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS or suffix == ".zip"
 
 
 def carry(
@@ -47,7 +48,9 @@ def carry(
     with open(os.devnull, "rb") as nothing:
         given = source if source is not None else nothing
         source_path = Path(f"/proc/self/fd/{given.fileno()}")
-        if dest.suffix.lower() in VIDEO_EXTENSIONS:
+        if dest.suffix.lower() == ".zip":
+            carried = carry_zip_metadata(source_path, output, dest, policy, upright=upright)
+        elif dest.suffix.lower() in VIDEO_EXTENSIONS:
             # imported here: PyAV (FFmpeg) is 15 MiB of the daemon's memory, for videos only
             from blurd.metadata.video import carry_video_metadata
 
