@@ -51,9 +51,21 @@ def photo(
     return out.getvalue()
 
 
-def run_once(cfg: Path) -> None:
-    """``blurd run --once`` in this process, leaving the tests' logging and signals alone."""
+def local_once(tmp_path: Path, name: str, data: bytes, policy: str) -> Path:
+    """``blurd run --once`` with the local engine on one file, in this process (leaving the
+    tests' logging and signals alone); returns its output."""
+    pytest.importorskip("onnxruntime")
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    (inbox / name).write_bytes(data)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nengine = "local"\n'
+        f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
+        f'metadata = "{policy}"\nplates = false\n'
+    )
     assert daemon.run(config.load(cfg, {}), once=True, signals=Signals()) == 0
+    return outbox / name
 
 
 def scan(data: bytes) -> bytes:
@@ -135,18 +147,7 @@ def test_the_local_engine_keeps_the_capture_time_and_turns_the_photo_upright(
 ) -> None:
     """``safe`` with the built-in engine: capture time and camera carried, no position, no
     artist, and orientation 1 since the engine wrote the pixels upright."""
-    pytest.importorskip("onnxruntime")
-    inbox, outbox = tmp_path / "in", tmp_path / "out"
-    inbox.mkdir()
-    (inbox / "p.jpg").write_bytes(photo(orientation=6))
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nengine = "local"\n'
-        f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
-        f'metadata = "safe"\nplates = false\n'
-    )
-    run_once(cfg)
-    out = outbox / "p.jpg"
+    out = local_once(tmp_path, "p.jpg", photo(orientation=6), "safe")
     ifd0, exif, gps = read_exif(out)
     assert gps == {} and ARTIST not in ifd0
     assert ifd0.get(MAKE) == "Canon" and exif.get(DATE_ORIGINAL) == "2024:05:01 10:11:12"
@@ -201,18 +202,8 @@ def test_the_local_engine_carries_a_videos_capture_time_but_not_its_place(
 ) -> None:
     """``safe`` with the built-in engine: the re-encoded video gets the input's creation time
     and nothing else of its tags."""
-    pytest.importorskip("onnxruntime")
-    inbox, outbox = tmp_path / "in", tmp_path / "out"
-    inbox.mkdir()
-    clip(inbox / "v.mp4")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(
-        f'[daemon]\ndatabase = "{tmp_path}/blurd.db"\nengine = "local"\n'
-        f'[[watch]]\npath = "{inbox}"\noutput = "{outbox}"\nsettle_seconds = 0.1\n'
-        f'metadata = "safe"\nplates = false\n'
-    )
-    run_once(cfg)
-    found = tags(outbox / "v.mp4")
+    data = clip(tmp_path / "v.mp4").read_bytes()
+    found = tags(local_once(tmp_path, "v.mp4", data, "safe"))
     assert found.get("creation_time", "").startswith("2024-05-01T10:11:12")
     assert "location" not in found and "title" not in found
 
