@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import shutil
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from blurd import defaults, writer
-from blurd.metadata.images import carry_image_metadata
+from blurd.metadata.kinds import Rewrite, rewriter
 from blurd.metadata.policy import Carried, MetadataError, Policy
 
-_PHOTOS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-_VIDEOS = frozenset({".mp4", ".mov", ".m4v", ".3gp", ".mkv", ".webm", ".avi"})
 _COPY_CHUNK_BYTES = 1024 * 1024
 
-Rewrite = Callable[[Path, Path, Path], Carried]  # (source, output, dest) -> what was carried
 
 
 def carry_zip_metadata(
@@ -42,7 +39,7 @@ def carry_zip_metadata(
         for info in out_zip.infolist():
             if info.file_size > defaults.MAX_INPUT_BYTES:
                 raise MetadataError(output, f"{info.filename!r} unpacks to {info.file_size} bytes")
-            rewrite = _rewriter(Path(info.filename).suffix.lower(), policy, upright)
+            rewrite = rewriter(Path(info.filename).suffix, policy, upright=upright)
             if info.is_dir() or rewrite is None:
                 _copy_entry(out_zip, info, new_zip)
                 continue
@@ -52,16 +49,6 @@ def carry_zip_metadata(
             if carried.note:
                 notes.append(f"{info.filename}: {carried.note}")
     return Carried(tuple(sorted(kept)), tuple(sorted(dropped)), "; ".join(notes) or None)
-
-
-def _rewriter(suffix: str, policy: Policy, upright: bool) -> Rewrite | None:
-    if suffix in _PHOTOS:
-        return lambda s, o, d: carry_image_metadata(s, o, d, policy, upright=upright)
-    if suffix in _VIDEOS:
-        from blurd.metadata.video import carry_video_metadata  # PyAV: only when needed
-
-        return lambda s, o, d: carry_video_metadata(s, o, d, policy)
-    return None
 
 
 @contextmanager

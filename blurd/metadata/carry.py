@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from blurd.metadata.archive import carry_zip_metadata
-from blurd.metadata.images import carry_image_metadata, sniff
+from blurd.metadata.kinds import PHOTO_EXTENSIONS, VIDEO_EXTENSIONS, rewriter
 from blurd.metadata.policy import Carried, MetadataError, Policy
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".3gp", ".mkv", ".webm", ".avi", ".ts",
-                              ".mts", ".m2ts", ".mpg", ".mpeg"})  # fmt: skip
 
 
 def rewrites(output_suffix: str) -> bool:
     """Whether outputs with this extension get their metadata rewritten (others are placed as
     the engine sent them)."""
     suffix = output_suffix.lower()
-    return suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS or suffix == ".zip"
+    return suffix in PHOTO_EXTENSIONS or suffix in VIDEO_EXTENSIONS or suffix == ".zip"
 
 
 def carry(
@@ -50,16 +46,11 @@ def carry(
         source_path = Path(f"/proc/self/fd/{given.fileno()}")
         if dest.suffix.lower() == ".zip":
             carried = carry_zip_metadata(source_path, output, dest, policy, upright=upright)
-        elif dest.suffix.lower() in VIDEO_EXTENSIONS:
-            # imported here: PyAV (FFmpeg) is 15 MiB of the daemon's memory, for videos only
-            from blurd.metadata.video import carry_video_metadata
-
-            carried = carry_video_metadata(source_path, output, dest, policy)
         else:
-            with open(output, "rb") as fh:
-                if sniff(fh.read(12)) is None:
-                    raise MetadataError(output, "not a JPEG, PNG or WEBP file")
-            carried = carry_image_metadata(source_path, output, dest, policy, upright=upright)
+            rewrite = rewriter(dest.suffix, policy, upright=upright)
+            if rewrite is None:
+                raise MetadataError(output, f"blurd does not rewrite {dest.suffix} files")
+            carried = rewrite(source_path, output, dest)
     if source is None:
         return dataclasses.replace(carried, kept=(), note=why_none)
     return carried

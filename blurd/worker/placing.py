@@ -17,11 +17,11 @@ from typing import BinaryIO, Literal, cast
 
 from blurd import results, writer
 from blurd.errors import BadResult
+from blurd.worker.checks import hash_file
 
 # Room kept free beyond an announced download: a full disk also stops the database and logs.
 _FREE_MARGIN_BYTES = 64 * 1024 * 1024
 _HEAD_BYTES = 64
-_DIGEST_CHUNK_BYTES = 1024 * 1024
 # (the engine's verified body, a new file to write from it): see fetch_into_place
 Finish = Callable[[Path, Path], object]
 
@@ -104,19 +104,9 @@ def fetch_into_place(
         final = writer.temp_name(target, suffix=target.suffix)
         try:
             finish(raw.path, final)
-            sha, size = _digest(final)
+            sha, identity = hash_file(final)
             path = writer.place(final, target)
         finally:
             final.unlink(missing_ok=True)
             raw.discard()
-    return path, sha, size
-
-
-def _digest(path: Path) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_DIGEST_CHUNK_BYTES):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
+    return path, sha, identity.size

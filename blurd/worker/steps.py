@@ -211,9 +211,8 @@ class Steps:
             return self._call(self.engine.fetch, remote_id, status, part, out)
 
         notes: list[str] = []
-        finish = self._finisher(job, watch, notes) if part == "media" else None
-        if finish is not None and not carry.rewrites(target.suffix):
-            finish = None
+        rewritten = part == "media" and carry.rewrites(target.suffix)
+        finish = self._finisher(job, watch, notes) if rewritten else None
 
         # A broken transfer is fetched again at once a few times (most are one dropped
         # connection) before the job backs off; a Retry-After is always honoured.
