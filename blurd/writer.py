@@ -119,7 +119,11 @@ def temp_name(target: Path, *, suffix: str = "") -> Path:
     """A new temp file name (``TEMP_PREFIX``, 64 random bits) in ``target``'s folder, for a
     writer that creates the file itself with O_EXCL; the folder is made if needed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
+    return _temp_path(target.parent, suffix)
+
+
+def _temp_path(folder: Path, suffix: str) -> Path:
+    return folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
 
 
 class TempFile:
@@ -143,7 +147,7 @@ class TempFile:
         target.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
         for _ in range(_TEMP_NAME_ATTEMPTS):
-            path = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}"
+            path = _temp_path(target.parent, suffix)
             try:
                 fd = os.open(path, flags, 0o600)
             except FileExistsError:
