@@ -25,6 +25,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from blurd import heap
 from blurd.defaults import TEMP_PREFIX
 from blurd.versions import (
     OriginalChanged,
@@ -274,7 +275,7 @@ def _copy_to_temp(src: BinaryIO, st: os.stat_result, arc_dir: int, dest_folder: 
         raise FileExistsError(errno.EEXIST, "no free temp file name", str(dest_folder))
     try:
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, _COPY_CHUNK_BYTES)
+            shutil.copyfileobj(src, out, heap.read_size(src, _COPY_CHUNK_BYTES))
             out.flush()
             os.fchmod(out.fileno(), stat.S_IMODE(st.st_mode))
             os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -50,7 +50,8 @@ class Reader:
         if self._pending:
             data, self._pending = self._pending[:limit], self._pending[limit:]
             return data
-        return self._fh.read(limit)
+        # never a buffer larger than what is left (see heap.read_size)
+        return self._fh.read(max(1, min(limit, self.remaining + 1)))
 
     def read_exact(self, count: int, what: str) -> bytes:
         """Exactly ``count`` bytes, or ``Malformed`` naming ``what`` was cut short."""

@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from blurd import defaults
+from blurd import defaults, heap
 from blurd.models import int64
 
 _HASH_CHUNK_BYTES = 1024 * 1024
@@ -90,7 +90,7 @@ def hash_file(path: Path) -> tuple[str, Identity]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as fh:
         before = Identity.of(os.fstat(fh.fileno()))
-        while chunk := fh.read(_HASH_CHUNK_BYTES):
+        for chunk in heap.chunks(fh, _HASH_CHUNK_BYTES):
             sha.update(chunk)
         after = Identity.of(os.fstat(fh.fileno()))
     if after != before:

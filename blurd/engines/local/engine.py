@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from blurd import heap
 from blurd.engines.base import Engine, Part, Phase, RemoteStatus
 from blurd.engines.local.errors import MediaError
 from blurd.engines.local.files import (
@@ -178,7 +179,7 @@ class LocalEngine(Engine):
             size = path.stat().st_size
             copied = 0
             with path.open("rb") as src:
-                while chunk := src.read(COPY_CHUNK_BYTES):
+                for chunk in heap.chunks(src, COPY_CHUNK_BYTES):
                     out.write(chunk)
                     copied += len(chunk)
         except FileNotFoundError as exc:
