@@ -33,6 +33,10 @@ class RejectedInput(BlurdError):
     """A file blurd refuses before any upload (empty, unsupported, too large...)."""
 
 
+class InputChanged(BlurdError):
+    """An input changed while an engine read it: what was sent is not what was hashed."""
+
+
 class ApiError(BlurdError):
     """Something went wrong talking to an engine."""
 

@@ -21,6 +21,7 @@ from blurd.engines.base import Engine, Part, Phase, RemoteStatus, announce
 from blurd.errors import (
     AuthError,
     BadResult,
+    InputChanged,
     JobRefused,
     PaymentRequired,
     PermanentApiError,
@@ -139,6 +140,8 @@ class SimEngine(Engine):
             raise PaymentRequired("402 Payment Required", status=402)
         if fault == "400":
             raise PermanentApiError("400 invalid parameters", status=400)
+        if fault == "shrank":  # the file got shorter mid-upload: the API saw too few bytes
+            raise InputChanged("the file became shorter while it was sent")
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if self.alive_known(sha):

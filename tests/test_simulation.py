@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from structlog.testing import capture_logs
 
 from blurd import writer
 from blurd.config import WatchConfig
@@ -44,7 +45,7 @@ LEASE_S = 3600.0
 TWIN_WAIT_S = 60.0
 CONTENTS = [JPEG + bytes([i]) * (200 + i) for i in range(6)]
 SUBMIT_FAULTS = ["503", "429", "drop", "403", "400", "timeout_after_send", "garbage_2xx",
-                 "crash_after_send", "crash"]  # fmt: skip
+                 "crash_after_send", "crash", "shrank"]  # fmt: skip
 POLL_FAULTS = ["503", "429", "drop", "403", "garbage", "unknown", "failed", "revoked", "crash"]
 FETCH_FAULTS = ["503", "drop", "403", "404", "404_lost", "truncated", "garbage", "empty",
                 "disk_full", "crash_mid_write", "crash"]  # fmt: skip
@@ -473,6 +474,26 @@ def test_only_submits_that_may_have_created_a_job_count_towards_their_bound(worl
     jobs = {j.rel_path: j for j in world.raw.list_jobs()}
     assert jobs["b.jpg"].state is S.FAILED and "not sent again" in (jobs["b.jpg"].error or "")
     assert world.engine.faults["submit"] == ["503"] * 5  # no fourth submit
+    world.close()
+
+
+def test_a_file_that_shrinks_while_it_is_sent_is_hashed_again_and_sent_once_more(
+    world: World,
+) -> None:
+    """An upload cut short because the file got shorter (the API saw fewer bytes than
+    announced, so no job exists): not a failure and not a possible double charge; the job is
+    hashed again and sent."""
+    path = world.all_watches[1].path / "a.jpg"
+    path.write_bytes(CONTENTS[0])
+    world.engine.faults["submit"] = ["shrank"]
+    world.enqueue(path)
+    with capture_logs() as logs:
+        world.run(3600)
+    (job,) = world.raw.list_jobs()
+    assert job.state is S.DONE and not job.maybe_sent
+    events = [e["event"] for e in logs]
+    assert "job.rehash" in events and "job.step_error" not in events
+    assert world.engine.faults["submit"] == [] and sum(world.engine.submits.values()) == 1
     world.close()
 
 

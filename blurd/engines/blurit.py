@@ -8,6 +8,7 @@ token never goes to another host. How failures map to errors is in ``blurit_http
 
 from __future__ import annotations
 
+import functools
 import json
 import mimetypes
 import os
@@ -18,15 +19,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, unquote, urlsplit
 
-import requests
 import structlog
-from requests.adapters import HTTPAdapter
-from requests_toolbelt import MultipartEncoder
 from urllib3 import encode_multipart_formdata
 
 from blurd import defaults
 from blurd.engines.base import Engine, Part, Phase, RemoteStatus, announce
-from blurd.engines.blurit_auth import BearerAuth, Timeout, TokenKeeper
+from blurd.engines.blurit_auth import TokenKeeper
 from blurd.engines.blurit_http import (
     api_error,
     api_message,
@@ -34,6 +32,7 @@ from blurd.engines.blurit_http import (
     submit_error,
     submitted_job_id,
 )
+from blurd.engines.transport import Reply, Timeout, Transport, TransportError, streamed_form
 from blurd.errors import (
     ApiError,
     BadResult,
@@ -52,7 +51,7 @@ RESULT_PATH = "/innovation-service/result/"
 PENDING_WORDS = frozenset({"sent", "started", "retried"})
 
 BodyFactory = Callable[[], Any]  # a context manager yielding (body, content type)
-ErrorMap = Callable[[str, requests.RequestException], ApiError]
+ErrorMap = Callable[[str, TransportError], ApiError]
 
 
 def upload_name(path: Path) -> str:
@@ -86,20 +85,9 @@ class BlurItEngine(Engine):
         self._url = url.rstrip("/")
         self._timeout: Timeout = (connect_timeout_s, read_timeout_s)
         self._upload_timeout: Timeout = (connect_timeout_s, upload_read_timeout_s)
-        self._session = requests.Session()
-        # requests reads the environment (proxy variables, netrc, CA bundle) again for every
-        # request, which was a tenth of blurd's CPU per job. Read it once, for the one host
-        # blurd talks to; like every other setting, a change takes a restart.
-        env = self._session.merge_environment_settings(self._url, {}, None, None, None)
-        self._session.trust_env = False
-        self._session.proxies = dict(env["proxies"] or {})
-        if env["verify"] not in (None, True):
-            self._session.verify = env["verify"]
-        adapter = HTTPAdapter(pool_maxsize=defaults.MAX_IN_FLIGHT)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self._http = Transport(self._url, defaults.MAX_IN_FLIGHT)
         self._auth = TokenKeeper(
-            self._session, self._url, client_id, secret_id, clock=clock, timeout=self._timeout,
+            self._http, self._url, client_id, secret_id, clock=clock, timeout=self._timeout,
             on_renewed=on_token_refresh,
         )  # fmt: skip
 
@@ -161,7 +149,7 @@ class BlurItEngine(Engine):
         self._auth.login()
 
     def close(self) -> None:
-        self._session.close()
+        self._http.close()
 
     # HTTP
     def _send(
@@ -175,7 +163,7 @@ class BlurItEngine(Engine):
         timeout: Timeout | None = None,
         stream: bool = False,
         errors: ErrorMap = api_error,
-    ) -> requests.Response:
+    ) -> Reply:
         """One request with a fresh token; a 401 renews the token and replays it once.
 
         A renewed token refused again is either bad credentials or a refusal of this one
@@ -210,37 +198,31 @@ class BlurItEngine(Engine):
         timeout: Timeout | None,
         stream: bool,
         errors: ErrorMap,
-    ) -> requests.Response:
+    ) -> Reply:
         with ExitStack() as stack:
-            data, headers = None, {}
+            data, headers = None, {"Authorization": f"Bearer {token}"}
             if body is not None:  # built anew for each attempt: the file is read again
-                data, headers["Content-Type"] = stack.enter_context(body())
+                data, headers["Content-Type"], length = stack.enter_context(body())
+                headers["Content-Length"] = str(length)
             try:
-                return self._session.request(
-                    method,
-                    self._url + path,
-                    params=params,
-                    data=data,
-                    headers=headers,
-                    auth=BearerAuth(token),
-                    timeout=timeout or self._timeout,
-                    stream=stream,
-                    allow_redirects=False,
-                )
-            except requests.RequestException as exc:
+                return self._http.request(
+                    method, path, params=params, body=data, headers=headers,
+                    timeout=timeout or self._timeout, stream=stream,
+                )  # fmt: skip
+            except TransportError as exc:
                 raise errors(action, exc) from exc
 
     @staticmethod
     @contextmanager
-    def _multipart(path: Path, options: Options) -> Iterator[tuple[Any, str]]:
-        """The job form and its content type. A file up to ``SMALL_UPLOAD_BYTES`` is sent as
-        one buffer (streaming it in small pieces cost more CPU than the rest of its upload);
-        a larger one is streamed from the file, never whole in memory."""
+    def _multipart(path: Path, options: Options) -> Iterator[tuple[Any, str, int]]:
+        """The job form, its content type and length. A file up to ``SMALL_UPLOAD_BYTES`` is
+        sent as one buffer (streaming it in small pieces cost more CPU than the rest of its
+        upload); a larger one is streamed from the file, never whole in memory."""
         try:
             media = path.open("rb")
         except OSError as exc:
             raise RejectedInput(f"cannot read {path.name}: {exc.strerror or exc}") from exc
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        mime = _media_type(path.suffix)
         with media:
             fields: list[tuple[str, Any]] = [*_form_fields(options)]
             try:
@@ -248,13 +230,12 @@ class BlurItEngine(Engine):
                 content = media.read() if small else media
             except OSError as exc:
                 raise RejectedInput(f"cannot read {path.name}: {exc.strerror or exc}") from exc
-            fields.append(("input_media", (upload_name(path), content, mime)))
             if small:
+                fields.append(("input_media", (upload_name(path), content, mime)))
                 body, content_type = encode_multipart_formdata(fields)
-                yield body, content_type
+                yield body, content_type, len(body)
             else:
-                encoder = MultipartEncoder(fields=fields)
-                yield encoder, encoder.content_type
+                yield streamed_form(fields, "input_media", upload_name(path), mime, media)
 
     @staticmethod
     def _status(body: dict[str, Any]) -> RemoteStatus:
@@ -280,7 +261,7 @@ class BlurItEngine(Engine):
         return RemoteStatus(Phase.PENDING, raw=raw)
 
     @staticmethod
-    def _stream(response: requests.Response, out: BinaryIO) -> int:
+    def _stream(response: Reply, out: BinaryIO) -> int:
         """Copy the body into ``out``; a body shorter than announced is a transient error, an
         empty one a bad result."""
         announced = response.headers.get("Content-Length")
@@ -295,12 +276,12 @@ class BlurItEngine(Engine):
             for chunk in response.iter_content(defaults.DOWNLOAD_CHUNK_BYTES):
                 out.write(chunk)
                 written += len(chunk)
-        except requests.RequestException as exc:
+        except TransportError as exc:
             if expected is not None:
                 raise _truncated(written, expected) from exc
             raise api_error("download", exc) from exc
         # Content-Length counts the bytes on the wire, before any Content-Encoding is undone
-        received = response.raw.tell() if encoded else written
+        received = response.received() if encoded else written
         if expected is not None and received != expected:
             raise _truncated(received, expected)
         if written == 0:
@@ -330,7 +311,13 @@ def _form_fields(options: Options) -> list[tuple[str, str]]:
     return fields
 
 
-def _success(response: requests.Response) -> bool:
+@functools.lru_cache(maxsize=64)
+def _media_type(suffix: str) -> str:
+    """The upload's media type, by its extension (looked up once per extension)."""
+    return mimetypes.guess_type("media" + suffix)[0] or "application/octet-stream"
+
+
+def _success(response: Reply) -> bool:
     return 200 <= response.status_code < 300
 
 

@@ -15,30 +15,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import requests
 import structlog
 
 from blurd import defaults
 from blurd.engines.blurit_http import api_error, api_message, json_object
+from blurd.engines.transport import Reply, Timeout, Transport, TransportError
 from blurd.errors import ApiError, AuthError, TransientApiError
 
 log = structlog.get_logger(__name__)
-
-Timeout = tuple[float, float]  # (connect, read) seconds
-
-
-class BearerAuth(requests.auth.AuthBase):
-    """Sets ``Authorization: Bearer``; passing it also keeps ``~/.netrc`` from overriding it."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
-        r.headers["Authorization"] = f"Bearer {self._token}"
-        return r
-
-    def __repr__(self) -> str:
-        return "BearerAuth(***)"
 
 
 class TokenKeeper:
@@ -46,7 +30,7 @@ class TokenKeeper:
 
     def __init__(
         self,
-        session: requests.Session,
+        http: Transport,
         url: str,
         client_id: str,
         secret_id: str,
@@ -56,7 +40,7 @@ class TokenKeeper:
         on_renewed: Callable[[], None] | None = None,
     ) -> None:
         self._on_renewed = on_renewed or (lambda: None)
-        self._session = session
+        self._http = http
         self._url = url
         self._client_id = client_id
         self._secret_id = secret_id
@@ -126,10 +110,8 @@ class TokenKeeper:
         started = self._clock()
         body = {"clientId": self._client_id, "secretId": self._secret_id}
         try:
-            response = self._session.post(
-                f"{self._url}/login", json=body, timeout=self._timeout, allow_redirects=False
-            )
-        except requests.RequestException as exc:
+            response = self._http.post_json("/login", body, timeout=self._timeout)
+        except TransportError as exc:
             raise api_error("login", exc) from exc
         with response:
             if response.status_code in (400, 401, 403):
@@ -150,14 +132,11 @@ class TokenKeeper:
         started = self._clock()
         assert self._token is not None
         try:
-            response = self._session.post(
-                f"{self._url}/token",
-                json={"refreshToken": self._refresh_token},
-                auth=BearerAuth(self._token),
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
+            response = self._http.post_json(
+                "/token", {"refreshToken": self._refresh_token},
+                timeout=self._timeout, Authorization=f"Bearer {self._token}",
+            )  # fmt: skip
+        except TransportError as exc:
             raise api_error("token refresh", exc) from exc
         with response:
             if response.status_code not in (200, 201):
@@ -165,7 +144,7 @@ class TokenKeeper:
             self._store(response, started, "token refresh")
         log.info("auth.refreshed", expires_in_s=self.expires_in_s())
 
-    def _store(self, response: requests.Response, started: float, action: str) -> None:
+    def _store(self, response: Reply, started: float, action: str) -> None:
         """Keep the new token; its lifetime counts from before the request was sent."""
         body = json_object(response)
         if body is None or body.get("token") is None:
@@ -210,8 +189,8 @@ def _blank(value: object) -> bool:
 
 def _header_safe(value: object) -> str | None:
     """A token without its surrounding whitespace, or None when it is empty or holds a byte a
-    header cannot carry (control characters, non-ASCII, inner spaces): requests would refuse
-    such a header with an error that quotes it."""
+    header cannot carry (control characters, non-ASCII, inner spaces): the HTTP client would
+    refuse such a header with an error that quotes it."""
     if not isinstance(value, str):
         return None
     value = value.strip()

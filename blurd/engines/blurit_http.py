@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-import requests
-from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError
+from urllib3.exceptions import ClosedPoolError, ConnectTimeoutError, LocationParseError
 
+from blurd.engines.transport import Reply, TransportError
 from blurd.errors import (
     ApiError,
     AuthError,
@@ -33,15 +33,9 @@ from blurd.errors import (
 MESSAGE_MAX_CHARS = 300
 
 #: failures that happen before a byte of the request leaves (urllib3's NewConnectionError, a
-#: refused or unresolvable host, is a ConnectTimeoutError too)
-_NOT_SENT = (ConnectTimeoutError, ClosedPoolError, requests.ConnectTimeout)
-#: requests refuses to build these before connecting
-_NOT_BUILT = (
-    requests.exceptions.InvalidURL,
-    requests.exceptions.InvalidSchema,
-    requests.exceptions.MissingSchema,
-    requests.exceptions.InvalidHeader,
-)
+#: refused or unresolvable host, is a ConnectTimeoutError too; a URL it cannot parse is never
+#: sent)
+_NOT_SENT = (ConnectTimeoutError, ClosedPoolError, LocationParseError)
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -61,7 +55,7 @@ def retry_after_s(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def api_message(response: requests.Response) -> str:
+def api_message(response: Reply) -> str:
     """The API's own words: NestJS ``message`` (maybe a list), else ``error``, else the reason."""
     reason = response.reason or _phrase(response.status_code)
     try:
@@ -77,7 +71,7 @@ def api_message(response: requests.Response) -> str:
     return text[:MESSAGE_MAX_CHARS]
 
 
-def json_object(response: requests.Response) -> dict[str, Any] | None:
+def json_object(response: Reply) -> dict[str, Any] | None:
     """The reply's body as a JSON object, or None when it is empty, HTML or other JSON."""
     try:
         body = response.json()
@@ -88,13 +82,13 @@ def json_object(response: requests.Response) -> dict[str, Any] | None:
 
 def api_error(
     action: str,
-    failure: requests.Response | requests.RequestException,
+    failure: Reply | TransportError,
     *,
     credentials: bool = False,
 ) -> ApiError:
     """The one mapping from a failed HTTP exchange to a blurd error. ``credentials`` is for
     ``/login`` and ``/token``, the only routes whose 401/403 mean the account is refused."""
-    if isinstance(failure, requests.RequestException):
+    if isinstance(failure, TransportError):
         return TransientApiError(f"BlurIt {action}: {_describe(failure)}")
     status = failure.status_code
     message = f"BlurIt {action} failed: {status} {api_message(failure)}"
@@ -112,7 +106,7 @@ def api_error(
 
 def submit_error(
     action: str,
-    failure: requests.Response | requests.RequestException,
+    failure: Reply | TransportError,
     *,
     credentials: bool = False,
 ) -> ApiError:
@@ -124,7 +118,7 @@ def submit_error(
     keeps a flapping backend from spending the few retries a possible double charge gets.
     429 refuses before any work. A 2xx reply never reaches here (see ``submitted_job_id``).
     """
-    if isinstance(failure, requests.RequestException):
+    if isinstance(failure, TransportError):
         if never_sent(failure):
             return api_error(action, failure)
         return PossiblySubmitted(f"BlurIt {action}: {_describe(failure)}; the job may exist")
@@ -136,7 +130,7 @@ def submit_error(
     return api_error(action, failure, credentials=credentials)
 
 
-def submitted_job_id(response: requests.Response) -> str:
+def submitted_job_id(response: Reply) -> str:
     """The job id of a 2xx submit reply. The API took the upload, so a reply without a usable
     id is ``PossiblySubmitted``, whatever is wrong with it."""
     body = json_object(response)
@@ -150,12 +144,10 @@ def submitted_job_id(response: requests.Response) -> str:
     )
 
 
-def never_sent(failure: requests.RequestException) -> bool:
+def never_sent(failure: TransportError) -> bool:
     """Whether the request surely never left this machine: no connection was made (a connect
-    timeout, a refused or unresolvable host or proxy), or requests refused to build it."""
-    if isinstance(failure, _NOT_BUILT):
-        return True
-    todo: list[BaseException] = [failure]
+    timeout, a refused or unresolvable host or proxy), or its URL could not be parsed."""
+    todo: list[BaseException] = [failure.cause]
     seen: set[int] = set()
     while todo:
         exc = todo.pop()
@@ -164,8 +156,8 @@ def never_sent(failure: requests.RequestException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, _NOT_SENT):
             return True
-        # requests wraps urllib3's MaxRetryError (``reason``), which may wrap a ProxyError
-        # (``original_error``), which names the failed connection in its arguments
+        # urllib3's ProxyError (``original_error``) names the failed connection in its
+        # arguments; a MaxRetryError (``reason``) would wrap the last failure
         todo += [arg for arg in exc.args if isinstance(arg, BaseException)]
         for attr in ("reason", "original_error"):
             inner = getattr(exc, attr, None)
@@ -174,11 +166,8 @@ def never_sent(failure: requests.RequestException) -> bool:
     return False
 
 
-def _describe(failure: requests.RequestException) -> str:
-    if isinstance(failure, requests.exceptions.InvalidHeader):
-        # its text quotes the header value, which may be the bearer token
-        return "InvalidHeader: a request header was refused"
-    return f"{type(failure).__name__}: {failure}"[:MESSAGE_MAX_CHARS]
+def _describe(failure: TransportError) -> str:
+    return str(failure)[:MESSAGE_MAX_CHARS]
 
 
 def _phrase(status: int) -> str:

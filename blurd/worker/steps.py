@@ -18,12 +18,13 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 import structlog
 
-from blurd import originals, versions, writer
+from blurd import heap, originals, versions, writer
 from blurd.config import WatchConfig
 from blurd.engines.base import Engine, Phase, RemoteStatus
 from blurd.errors import (
     ApiError,
     BadResult,
+    InputChanged,
     RejectedInput,
     ResultMissing,
     TransientApiError,
@@ -170,6 +171,8 @@ class Steps:
             remote_id = self._call(self.engine.submit, path, watch.options)
         except OSError as exc:
             return o.Fail(_unreadable(exc))
+        except InputChanged as exc:
+            return o.Unsent(str(exc), rehash=True)
         except Exception as exc:
             return _mapped(exc, "upload")
         after = identity(path)
@@ -321,7 +324,7 @@ def _unreadable(exc: OSError) -> str:
 def _copy_into(src: Path, out: BinaryIO) -> int:
     n = 0
     with open(src, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
+        for chunk in heap.chunks(fh, 1024 * 1024):
             out.write(chunk)
             n += len(chunk)
     return n
