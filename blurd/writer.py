@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import BinaryIO
 
+from blurd import heap
 from blurd.defaults import TEMP_PREFIX
 from blurd.errors import RejectedInput
 
@@ -59,8 +60,12 @@ def _safe_rel(rel_path: str) -> PurePosixPath:
 
 
 def _inside(root: Path, path: Path) -> Path:
-    """``path``, after checking that its folder resolves inside ``root`` (no symlink escape)."""
-    if not path.parent.resolve().is_relative_to(root.resolve()):
+    """``path``, after checking that its folder resolves inside ``root`` (no symlink escape).
+
+    ``os.path.realpath`` on strings: ``Path.resolve`` builds a path object and stats the
+    result besides, which was 2 % of blurd's CPU per job (two targets a job)."""
+    real_root, real_folder = os.path.realpath(root), os.path.realpath(path.parent)
+    if real_folder != real_root and not real_folder.startswith(real_root.rstrip(os.sep) + os.sep):
         raise RejectedInput(f"{path} would land outside {root}")
     return path
 
@@ -223,9 +228,10 @@ def same_content(a: Path, b: Path) -> bool:
     if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
         return True
     with a.open("rb") as fa, b.open("rb") as fb:
+        size = heap.read_size(fa, _COPY_CHUNK_BYTES)
         while True:
-            chunk = fa.read(_COPY_CHUNK_BYTES)
-            if chunk != fb.read(_COPY_CHUNK_BYTES):
+            chunk = fa.read(size)
+            if chunk != fb.read(size):
                 return False
             if not chunk:
                 return True

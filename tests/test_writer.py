@@ -128,6 +128,21 @@ def test_targets_refuse_symlinked_folder_leading_outside(tmp_path: Path) -> None
         detections_target(out, "sub/a.jpg")
 
 
+def test_targets_tell_a_sibling_with_the_same_prefix_from_a_subfolder(tmp_path: Path) -> None:
+    """``out-evil`` starts with ``out`` but is not inside it; an output folder reached through
+    a symlink still takes its own subfolders."""
+    real = tmp_path / "out"
+    (real / "d").mkdir(parents=True)
+    (tmp_path / "out-evil").mkdir()
+    (real / "sub").symlink_to(tmp_path / "out-evil")
+    with pytest.raises(RejectedInput):
+        media_target(real, "sub/a.jpg", None)
+    linked = tmp_path / "link"
+    linked.symlink_to(real)
+    assert media_target(linked, "d/a.jpg", None) == linked / "d" / "a.jpg"
+    assert media_target(linked, "new/a.jpg", None) == linked / "new" / "a.jpg"
+
+
 def test_detections_target_appends_json_to_full_name(tmp_path: Path) -> None:
     """Detections go beside the media as '<name incl. extension>.json'."""
     out = tmp_path / "out"
