@@ -117,6 +117,7 @@ class Worker:
             store, engine, self.board, self.gates, self.metrics, self.health,
             timing=self.timing, clock=clock, monotonic=monotonic, rng=rng, stop=self.stop,
             detections_wanted=self._detections_wanted,
+            originals_kept=self._originals_kept,
         )  # fmt: skip
         self._pools: dict[Kind, _Pool] = {}
         self._leases_due = 0.0
@@ -396,3 +397,7 @@ class Worker:
     def _detections_wanted(self, job: Job) -> bool:
         watch = self.watches.get(job.watch)
         return watch is None or watch.options.detections
+
+    def _originals_kept(self, job: Job) -> bool:
+        watch = self.watches.get(job.watch)
+        return watch is not None and watch.originals == "keep"
