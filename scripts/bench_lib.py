@@ -130,7 +130,7 @@ STOCK_SERVER = False  # set by scripts/bench --stock-server
 class FakeServer:
     """``tests/fakeblurit.py`` in its own process, so its CPU and memory are not blurd's."""
 
-    def __init__(self, job_seconds: float, tmp: Path) -> None:
+    def __init__(self, job_seconds: float, tmp: Path, *, echo: bool = False) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(tmp)}  # its upload spools live in our temp dir
         if STOCK_SERVER:
@@ -138,7 +138,8 @@ class FakeServer:
         else:
             cmd = [PY, str(Path(__file__).resolve()), "serve"]
         self.proc = spawn(
-            [*cmd, "--port", "0", "--job-seconds", str(job_seconds)],
+            [*cmd, "--port", "0", "--job-seconds", str(job_seconds),
+             *(["--echo-media"] if echo else [])],
             death_signal=signal.SIGINT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env,
         )  # fmt: skip

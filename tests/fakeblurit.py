@@ -851,6 +851,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret-id", default="secret_test")
     parser.add_argument("--expiry-field", default="expireTime", choices=["expireTime", "expiresIn"])
     parser.add_argument("--chaos", type=float, default=0.0, help="share of requests that fail")
+    parser.add_argument("--echo-media", action="store_true",
+                        help="return each upload as its result, byte for byte")  # fmt: skip
     args = parser.parse_args(argv)
     fake = FakeBlurIt(
         client_id=args.client_id,
@@ -860,6 +862,7 @@ def main(argv: list[str] | None = None) -> None:
         job_seconds=args.job_seconds,
         expiry_field=args.expiry_field,
     )
+    fake.echo_media = args.echo_media
     with fake:
         fake.chaos(args.chaos)
         print(
