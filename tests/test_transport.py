@@ -17,7 +17,7 @@ from urllib3 import encode_multipart_formdata
 from blurd import __version__
 from blurd.engines.blurit import BlurItEngine
 from blurd.engines.transport import Transport, TransportError, streamed_form
-from blurd.errors import InputChanged
+from blurd.errors import ConfigError, InputChanged
 
 TIMEOUT = (5.0, 5.0)
 BODY = b"0123456789" * 5000
@@ -158,3 +158,20 @@ def test_no_reply_is_a_transport_error_named_as_people_know_it() -> None:
     with pytest.raises(TransportError, match=r"^ConnectionError: ") as caught:
         http.request("GET", "/", timeout=(2.0, 2.0))
     assert caught.value.kind == "ConnectionError"
+
+
+@pytest.mark.filterwarnings("ignore:SOCKS support in urllib3")  # urllib3's own, on import
+def test_a_socks_proxy_without_pysocks_is_a_clear_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    try:
+        import socks  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("PySocks is installed here")
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="install PySocks"):
+        Transport("https://api.example.invalid", 1)

@@ -39,7 +39,7 @@ from urllib3.exceptions import (
 )
 
 from blurd import __version__
-from blurd.errors import InputChanged
+from blurd.errors import ConfigError, InputChanged
 
 Timeout = tuple[float, float]  # (connect, read) seconds
 
@@ -135,8 +135,13 @@ class Transport:
             self._pool = urllib3.PoolManager(**pool_kw)
             self._direct = self._pool.connection_from_url(self._origin)
         elif proxy.startswith("socks"):
-            from urllib3.contrib.socks import SOCKSProxyManager  # needs PySocks
-
+            try:
+                from urllib3.contrib.socks import SOCKSProxyManager
+            except ImportError as exc:
+                raise ConfigError(
+                    "the environment names a SOCKS proxy for the BlurIt API; install PySocks "
+                    "(pip install pysocks) or name an HTTP proxy", key="HTTPS_PROXY/ALL_PROXY"
+                ) from exc
             self._pool = SOCKSProxyManager(proxy, **pool_kw)
         else:
             parts = urlsplit(proxy)
